@@ -1,0 +1,299 @@
+"""The typed config tree of `moe-recipes train`: YAML file + dotted command-line overrides.
+
+Every key has a default, a type and a one-line meaning (`moe-recipes train --show-keys`). Unknown keys,
+values of the wrong type and inconsistent combinations are errors that name the key. The resolved config
+is saved with every checkpoint (`config.yaml`) so a run can always be reproduced and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "Hugging Face model folder to start from (loaded as it is)")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, flash_attention_2 (when installed) or eager")
+    experts_implementation: str = _f("grouped_mm", "expert compute in transformers: grouped_mm (fast) or eager")
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("model.path must name a Hugging Face model folder")
+        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "flash_attention_2", "eager"))
+        _choice("model.experts_implementation", self.experts_implementation, ("grouped_mm", "eager"))
+
+
+@dataclass
+class DataConfig:
+    format: str = _f("pretrain", "pretrain (indexed .bin/.idx datasets)")
+    path: Any = _f("", "one dataset prefix, or a Megatron-style blend [w1, prefix1, w2, prefix2, ...]")
+    split: str = _f("969,30,1", "train,valid,test proportions of the documents of every prefix")
+    seq_length: int = _f(2048, "tokens per sample")
+    cache_dir: str | None = _f(None, "where sample indices are cached (default: a cache/ folder beside the data)")
+    reset_position_ids: bool = _f(False, "restart position ids at every document boundary inside a sample")
+    reset_attention_mask: bool = _f(False, "keep attention inside each document (needs reset_position_ids)")
+    num_workers: int = _f(1, "DataLoader worker processes per rank (0: load in the training process)")
+
+    def validate(self) -> None:
+        _choice("data.format", self.format, ("pretrain",))
+        if self.path in ("", None, []):
+            raise ValueError("data.path must name a dataset prefix or a weighted list of prefixes")
+        _positive("data.seq_length", self.seq_length)
+        if self.reset_attention_mask and not self.reset_position_ids:
+            raise ValueError("data.reset_attention_mask=true needs data.reset_position_ids=true")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = _f(1, "samples per forward pass on each rank")
+    global_batch_size: int = _f(8, "samples per optimizer step over all ranks (= micro x accumulation x ranks)")
+    iters: int = _f(1000, "optimizer steps to train in total")
+    seed: int = _f(1234, "seed for initial RNG state and data shuffling")
+    precision: str = _f("bf16", "bf16 (autocast, fp32 master weights and gradients) or fp32")
+    activation_checkpointing: bool = _f(False, "recompute decoder layers in backward to save memory")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0: off)")
+    loss_chunk_size: int = _f(1024, "tokens per chunk of the fused LM-head cross-entropy (0: full logits)")
+    nan_policy: str = _f("stop", "on a NaN/inf loss: stop (save nothing, exit non-zero) or skip the step")
+
+    def validate(self) -> None:
+        for key in ("micro_batch_size", "global_batch_size", "iters"):
+            _positive(f"train.{key}", getattr(self, key))
+        _choice("train.precision", self.precision, ("bf16", "fp32"))
+        _choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
+        if self.grad_clip < 0 or self.loss_chunk_size < 0:
+            raise ValueError("train.grad_clip and train.loss_chunk_size must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr: float = _f(3e-5, "learning rate at the end of the decay")
+    warmup_iters: int = _f(0, "steps of linear warmup from 0 to lr")
+    decay_style: str = _f("cosine", "cosine, linear, constant or wsd (warmup-stable-decay)")
+    decay_iters: int | None = _f(None, "steps over which lr decays (default: train.iters)")
+    wsd_decay_fraction: float = _f(0.1, "wsd: fraction of decay_iters spent in the final linear decay")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not applied to biases and norms)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+
+    def validate(self) -> None:
+        _choice("optim.decay_style", self.decay_style, ("cosine", "linear", "constant", "wsd"))
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr "
+                             f"(got lr={self.lr}, min_lr={self.min_lr})")
+        if self.warmup_iters < 0:
+            raise ValueError(f"optim.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if not 0 <= self.wsd_decay_fraction <= 1:
+            raise ValueError(f"optim.wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
+
+
+@dataclass
+class MoEConfig:
+    aux_loss_coef: float | None = _f(None, "load-balancing loss coefficient (default: the model's "
+                                           "router_aux_loss_coef, else 0.01; 0 turns it off)")
+    z_loss_coef: float = _f(0.0, "router z-loss coefficient (ST-MoE; 1e-3 is typical)")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = _f(100, "run validation every N steps (0: never; it always runs at the end if iters > 0)")
+    iters: int = _f(10, "validation micro-batches per evaluation")
+
+
+@dataclass
+class LogConfig:
+    interval: int = _f(1, "print and record metrics every N steps")
+    dir: str = _f("runs/default", "run directory: metrics.jsonl, TensorBoard events, resolved config")
+    tensorboard: bool = _f(True, "write TensorBoard events under log.dir/tensorboard")
+    wandb_project: str | None = _f(None, "log to this Weights & Biases project (needs the wandb package)")
+    progress_bar: bool = _f(True, "show a progress bar when the console is interactive")
+    peak_tflops: float | None = _f(None, "device peak TFLOP/s for MFU (default: the bf16 peak of known GPUs; "
+                                         "none on CPU)")
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = _f(None, "folder for checkpoints SAVE/iter_NNNNNNN/ (none: do not save)")
+    save_interval: int = _f(0, "save every N steps (0: only at the end and on SIGTERM/SIGINT)")
+    load: str | None = _f(None, "resume from the latest complete checkpoint in this folder (or an iter_ folder)")
+    keep_last_n: int | None = _f(None, "keep only the newest N checkpoints (none: keep all)")
+
+    def validate(self) -> None:
+        if self.save_interval < 0:
+            raise ValueError(f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
+        if self.keep_last_n is not None and self.keep_last_n < 1:
+            raise ValueError(f"checkpoint.keep_last_n must be >= 1, got {self.keep_last_n}")
+
+
+@dataclass
+class DistributedConfig:
+    engine: str = _f("deepspeed", "sharding engine: deepspeed")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3")
+    offload_optimizer: bool = _f(False, "ZeRO: keep optimizer states (and step) on the CPU")
+    offload_params: bool = _f(False, "ZeRO-3: keep parameters on the CPU")
+    deepspeed_config: str | None = _f(None, "a DeepSpeed JSON whose keys override the ones built from this config")
+    backend: str | None = _f(None, "torch.distributed backend (default: nccl with CUDA, else gloo)")
+    timeout_minutes: float = _f(30.0, "collective timeout")
+
+    def validate(self) -> None:
+        _choice("distributed.engine", self.engine, ("deepspeed",))
+        _choice("distributed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("distributed.offload_params needs distributed.zero_stage=3")
+        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+            raise FileNotFoundError(f"distributed.deepspeed_config: no such file {self.deepspeed_config}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            check = getattr(getattr(self, section.name), "validate", None)
+            if check:
+                check()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{key} must be > 0, got {value}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field's type annotation (a string under postponed evaluation)."""
+    tp = eval(annotation, {"Any": Any}) if isinstance(annotation, str) else annotation  # noqa: S307
+    if tp is Any:
+        return value
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{key} may not be null")
+    for opt in options:
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if opt is str and isinstance(value, str):
+            return value
+    if isinstance(value, str) and (float in options or int in options):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept numbers written that way
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if float in options:
+                return number
+            if number.is_integer():
+                return int(number)
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"{key}={value!r} should be {names}")
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ValueError(f"unknown config key {key!r} (keys look like section.name, see --show-keys)")
+    section, name = parts
+    if section not in {f.name for f in dataclasses.fields(cfg)}:
+        raise ValueError(f"unknown config section {section!r} in key {key!r}")
+    sub = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sub)}
+    if name not in fields:
+        raise ValueError(f"unknown config key {key!r}")
+    setattr(sub, name, _coerce(key, value, fields[name].type))
+
+
+def _flatten(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so 1e-4, true, [1, x] work)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} should look like key=value (e.g. train.iters=100)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                validate: bool = True) -> Config:
+    """Build a Config from a YAML file and `key=value` overrides, then validate it."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{p}: the config must be a mapping of sections")
+        for key, value in _flatten(tree, str(p)).items():
+            _apply(cfg, key, value)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _apply(cfg, key, value)
+    if validate:
+        cfg.validate()
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in _flatten(tree, "config").items():
+        _apply(cfg, key, value)
+    return cfg
+
+
+def describe_keys() -> str:
+    """One line per key: name, default and meaning (for `moe-recipes train --show-keys`)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        sub = section.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(sub):
+            lines.append(f"{section.name}.{f.name} = {getattr(sub, f.name)!r}\n    {f.metadata.get('help', '')}")
+    return "\n".join(lines)

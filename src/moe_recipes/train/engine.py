@@ -1,0 +1,114 @@
+"""DeepSpeed as the sharding engine: its JSON config built from ours, the optimizer, and initialisation.
+
+Mixed precision is done by autocast inside the objective, so DeepSpeed keeps fp32 parameters (the master
+weights), fp32 gradients and fp32 gradient accumulation; checkpoints therefore hold exact fp32 weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_recipes.config import Config
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be skipped (`skip_next_step = True`), for nan_policy=skip.
+
+    DeepSpeed's ZeRO optimizers call the wrapped optimizer's `step()` on their fp32 partitions, so
+    skipping here skips the update on every ZeRO stage; DeepSpeed zeroes the gradients afterwards.
+    """
+
+    skip_next_step: bool = False
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        if self.skip_next_step:
+            self.skip_next_step = False
+            return None
+        return super().step(closure)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (incl. the fused 3D expert weights), none on biases and norm scales."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run; keys of `distributed.deepspeed_config` override ours."""
+    t, d = cfg.train, cfg.distributed
+    grad_accum = gradient_accumulation_steps(cfg, dp_size)
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.zero_stage in (1, 2):
+        zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if d.deepspeed_config:
+        user = json.loads(Path(d.deepspeed_config).read_text())
+        _deep_update(ds, user)
+    return ds
+
+
+def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * dp_size
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} x {dp_size} data-parallel ranks")
+    return t.global_batch_size // per_step
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def initialize(module: nn.Module, cfg: Config, ds_config: dict[str, Any], leaf_classes: set[type]):
+    """Wrap `module` in a DeepSpeed engine with a SkippableAdamW; returns (engine, optimizer)."""
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    if cfg.distributed.zero_stage == 3 and leaf_classes:
+        # Experts that get no tokens on one rank must not leave the others waiting for a gather.
+        set_z3_leaf_modules(module, list(leaf_classes))
+    o = cfg.optim
+    optimizer = SkippableAdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                               eps=o.eps)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,102 @@
+"""Run metrics: one console line per log step, `metrics.jsonl`, TensorBoard and (optionally) W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak TFLOP/s per device, for MFU. Devices not listed report no MFU unless
+# log.peak_tflops is given; MFU is only meaningful against the chip's own peak.
+_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GH200": 989.0, "L40S": 362.0}
+
+
+def device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in _PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def expert_load_summary(counts: torch.Tensor) -> tuple[list[list[float]], list[float]]:
+    """(layers, E) token-slot counts -> per-layer shares and max/mean imbalance (1.0 = perfectly even)."""
+    counts = counts.double()
+    totals = counts.sum(-1, keepdim=True).clamp(min=1)
+    shares = counts / totals
+    mean = counts.mean(-1).clamp(min=1e-12)
+    imbalance = counts.max(-1).values / mean
+    return [[round(v, 5) for v in row] for row in shares.tolist()], [round(v, 4) for v in imbalance.tolist()]
+
+
+class MetricsWriter:
+    """Writes records on the main rank; other ranks get a writer that does nothing."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool, tensorboard: bool, wandb_project: str | None,
+                 config: dict[str, Any]):
+        self.enabled = enabled
+        self.dir = Path(log_dir)
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ValueError("log.wandb_project is set but the wandb package is not installed") from err
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(self.dir))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            for layer, imb in enumerate(record.get("expert_imbalance", [])):
+                self._tb.add_scalar(f"expert_imbalance/layer{layer}", imb, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def console_line(r: dict[str, Any], total_iters: int) -> str:
+    parts = [f"step {r['step']}/{total_iters}", f"loss {r['loss']:.4f}", f"lm {r['lm_loss']:.4f}"]
+    if r.get("aux_loss") is not None:
+        parts.append(f"aux {r['aux_loss']:.4f}")
+    if r.get("z_loss") is not None:
+        parts.append(f"z {r['z_loss']:.4f}")
+    parts += [f"lr {r['lr']:.3e}", f"gnorm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "gnorm -",
+              f"{r['tokens_per_s']:.0f} tok/s", f"{r['tflops_per_device']:.2f} TFLOP/s/dev"]
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("expert_imbalance"):
+        parts.append(f"imbalance max {max(r['expert_imbalance']):.2f}")
+    if r.get("skipped"):
+        parts.append("SKIPPED (non-finite loss)")
+    return " | ".join(parts)

@@ -1,0 +1,82 @@
+"""The training objective as one module: decoder forward, fused LM-head loss and the MoE losses.
+
+The sharding engine wraps this module, so one call runs everything that needs the model's parameters.
+The LM head is applied chunk by chunk (`chunked_causal_lm_loss`) so the (tokens, vocab) logits of a large
+vocabulary never exist at once; the router outputs are captured with hooks, so the MoE losses are computed
+here and returned, never kept in globals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_recipes.models.inspect import MoEInfo, RouterCapture
+from moe_recipes.models.losses import chunked_causal_lm_loss, expert_counts, lm_head_spec, moe_losses
+
+IGNORE_INDEX = -100
+
+
+class CausalLMObjective(nn.Module):
+    """Computes {loss, lm_loss, aux_loss, z_loss, expert_counts, tokens} for one micro-batch.
+
+    `loss = lm_loss + aux_coef * aux_loss + z_coef * z_loss`, where lm_loss is the mean token
+    cross-entropy of the micro-batch and aux/z are averaged over MoE layers.
+    """
+
+    def __init__(self, model: nn.Module, info: MoEInfo, *, aux_coef: float, z_coef: float,
+                 chunk_size: int, bf16: bool):
+        super().__init__()
+        self.model = model
+        self.info = info
+        self.aux_coef = aux_coef
+        self.z_coef = z_coef
+        self.chunk_size = chunk_size
+        self.bf16 = bf16
+        self.head_spec = lm_head_spec(model)
+        self.capture = RouterCapture(model, info) if info.routers else None
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.capture is not None:
+            self.capture.clear()
+        with self._autocast(input_ids.device):
+            out = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                           attention_mask=attention_mask, use_cache=False)
+            hidden = out.last_hidden_state  # (batch, seq, hidden)
+            loss_sum, n_tokens = self._lm_loss(hidden, labels)
+        lm_loss = loss_sum / n_tokens.clamp(min=1)
+        captured = self.capture.layers() if self.capture is not None else []
+        aux, z = moe_losses(captured, self.info.num_experts, self.info.top_k)
+        loss = lm_loss
+        if captured and self.aux_coef:
+            loss = loss + self.aux_coef * aux
+        if captured and self.z_coef:
+            loss = loss + self.z_coef * z
+        counts = expert_counts(captured, self.info.num_experts) if captured else torch.zeros(0, 0)
+        return {"loss": loss, "lm_loss": lm_loss.detach(), "aux_loss": aux.detach(), "z_loss": z.detach(),
+                "expert_counts": counts, "tokens": n_tokens.detach()}
+
+    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        head = self.model.get_output_embeddings()
+        if self.chunk_size > 0:
+            return chunked_causal_lm_loss(hidden, head, labels, chunk_size=self.chunk_size,
+                                          ignore_index=IGNORE_INDEX, **self.head_spec)
+        logits = head(hidden).float()
+        if self.head_spec.get("logit_scale", 1.0) != 1.0:
+            logits = logits * self.head_spec["logit_scale"]
+        if self.head_spec.get("softcap"):
+            cap = self.head_spec["softcap"]
+            logits = torch.tanh(logits / cap) * cap
+        flat = labels.reshape(-1)
+        loss_sum = F.cross_entropy(logits.reshape(flat.numel(), -1), flat, ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        return loss_sum, (flat != IGNORE_INDEX).sum()

@@ -1,0 +1,312 @@
+"""The training loop: set-up, one readable train step, evaluation, logging and checkpoints.
+
+`train(cfg)` runs a whole job on any number of processes (torchrun, deepspeed, mpirun, srun) and returns
+the process exit code: 0 when done or stopped cleanly by SIGTERM/SIGINT, 3 on a non-finite loss with
+`train.nan_policy=stop`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from moe_recipes.config import Config
+from moe_recipes.data.batching import PretrainCollator
+from moe_recipes.data.pretrain import build_pretrain_datasets
+from moe_recipes.data.sampler import PretrainBatchSampler
+from moe_recipes.distributed.env import DistEnv, device_for, init_distributed
+from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
+from moe_recipes.models.loading import load_model
+from moe_recipes.train import checkpoint as ckpt_io
+from moe_recipes.train.engine import deepspeed_config, gradient_accumulation_steps, initialize, set_lr
+from moe_recipes.train.metrics import MetricsWriter, console_line, device_peak_tflops, expert_load_summary
+from moe_recipes.train.objective import CausalLMObjective
+from moe_recipes.train.schedule import lr_at
+from moe_recipes.train.signals import StopRequest
+
+EXIT_NONFINITE = 3
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    engine: Any
+    optimizer: Any
+    info: MoEInfo
+    grad_accum: int
+    flops_per_token: float
+    collate: PretrainCollator
+    train_ds: Any
+    valid_ds: Any
+    writer: MetricsWriter
+    iteration: int = 0
+    consumed_samples: int = 0
+    keep_alive: list[Any] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: Config) -> Run:
+    env = init_distributed(backend=cfg.distributed.backend, timeout_minutes=cfg.distributed.timeout_minutes)
+    device = device_for(env)
+    seed_everything(cfg.train.seed)
+    grad_accum = gradient_accumulation_steps(cfg, env.world_size)
+    ds_config = deepspeed_config(cfg, env.world_size)
+    keep_alive: list[Any] = []
+    if cfg.distributed.zero_stage == 3:
+        # Lets from_pretrained partition the weights while loading instead of materialising them on every rank.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive.append(HfDeepSpeedConfig(ds_config))
+    model = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
+                       experts_implementation=cfg.model.experts_implementation, device=device)
+    model.config.use_cache = False
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    info = inspect_model(model)
+    aux_coef = cfg.moe.aux_loss_coef
+    if aux_coef is None:
+        aux_coef = float(getattr(model.config, "router_aux_loss_coef", None) or 0.01)
+    objective = CausalLMObjective(model, info, aux_coef=aux_coef, z_coef=cfg.moe.z_loss_coef,
+                                  chunk_size=cfg.train.loss_chunk_size, bf16=cfg.train.precision == "bf16")
+    fpt = flops_per_token(model, cfg.data.seq_length)
+    engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
+    train_ds, valid_ds = _datasets(cfg, env)
+    writer = MetricsWriter(cfg.log.dir, env.rank == 0, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict())
+    run = Run(cfg=cfg, env=env, device=device, engine=engine, optimizer=optimizer, info=info,
+              grad_accum=grad_accum, flops_per_token=fpt,
+              collate=PretrainCollator(cfg.data.reset_position_ids, cfg.data.reset_attention_mask),
+              train_ds=train_ds, valid_ds=valid_ds, writer=writer, keep_alive=keep_alive)
+    if run.is_main:
+        cfg.save(writer.dir / "config.yaml")
+        run.print(f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), ZeRO-{cfg.distributed.zero_stage}, "
+                  f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
+                  f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
+                  f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}")
+    _maybe_resume(run)
+    return run
+
+
+def _datasets(cfg: Config, env: DistEnv) -> tuple[Any, Any]:
+    t = cfg.train
+    n_train = t.iters * t.global_batch_size
+    n_valid = cfg.eval.iters * t.micro_batch_size * env.world_size if cfg.eval.iters > 0 else 0
+    train_ds, valid_ds, _ = build_pretrain_datasets(cfg.data.path, cfg.data.split, cfg.data.seq_length,
+                                                    (n_train, n_valid, 0), seed=t.seed,
+                                                    cache_dir=cfg.data.cache_dir)
+    if train_ds is None:
+        raise ValueError(f"data.split={cfg.data.split!r} leaves no training documents in {cfg.data.path}")
+    return train_ds, valid_ds
+
+
+def _maybe_resume(run: Run) -> None:
+    load = run.cfg.checkpoint.load
+    if not load:
+        return
+    ckpt = ckpt_io.resolve_checkpoint(load)
+    if ckpt is None:
+        run.print(f"[moe-recipes] no checkpoint in {load} yet: starting from {run.cfg.model.path}")
+        return
+    state = ckpt_io.load_checkpoint(run.engine, ckpt)
+    run.iteration = int(state["iteration"])
+    run.consumed_samples = int(state["consumed_samples"])
+    run.print(f"[moe-recipes] resumed from {ckpt} at step {run.iteration} "
+              f"({run.consumed_samples} samples consumed)")
+
+
+def _train_batches(run: Run) -> Iterator[dict[str, torch.Tensor]]:
+    t = run.cfg.train
+    sampler = PretrainBatchSampler(total_samples=t.iters * t.global_batch_size,
+                                   consumed_samples=run.consumed_samples, micro_batch_size=t.micro_batch_size,
+                                   dp_rank=run.env.rank, dp_size=run.env.world_size)
+    workers = run.cfg.data.num_workers
+    loader = DataLoader(run.train_ds, batch_sampler=sampler, collate_fn=run.collate, num_workers=workers,
+                        pin_memory=run.device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if workers > 0 else None)
+    for batch in loader:
+        yield {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(device)
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> dict[str, Any]:
+    """Forward, loss parts and backward for every micro-batch, then one optimizer step."""
+    engine = run.engine
+    # sums over micro-batches (then ranks): lm, aux, z, non-finite count, stop requests
+    sums = torch.zeros(5, dtype=torch.float64)
+    counts = torch.zeros(0)
+    for _ in range(run.grad_accum):
+        out = engine(**next(batches))
+        engine.backward(out["loss"])
+        finite = bool(torch.isfinite(out["loss"].detach()).item())
+        sums += torch.tensor([out["lm_loss"].item(), out["aux_loss"].item(), out["z_loss"].item(),
+                              0.0 if finite else 1.0, 0.0], dtype=torch.float64)
+        counts = out["expert_counts"].double() if counts.numel() == 0 else counts + out["expert_counts"]
+    sums[4] = 1.0 if stop.requested else 0.0
+    sums = _all_reduce(sums, run.device)
+    if counts.numel():
+        counts = _all_reduce(counts, run.device)
+    nonfinite = sums[3].item() > 0
+    lr = lr_at(run.iteration, run.cfg.optim, run.cfg.train.iters)
+    set_lr(engine, lr)
+    if nonfinite and run.cfg.train.nan_policy == "skip":
+        run.optimizer.skip_next_step = True
+    if not nonfinite or run.cfg.train.nan_policy == "skip":
+        engine.step()
+    n = run.grad_accum * run.env.world_size
+    grad_norm = engine.get_global_grad_norm()
+    return {"lm_loss": sums[0].item() / n, "aux_loss": sums[1].item() / n, "z_loss": sums[2].item() / n,
+            "nonfinite": nonfinite, "stop": sums[4].item() > 0, "lr": lr, "expert_counts": counts,
+            "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+
+def evaluate(run: Run) -> float | None:
+    """Mean token loss over the first eval.iters global micro-batches of the validation split."""
+    if run.valid_ds is None or run.cfg.eval.iters <= 0:
+        return None
+    t, env = run.cfg.train, run.env
+    run.engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for it in range(run.cfg.eval.iters):
+            start = (it * env.world_size + env.rank) * t.micro_batch_size
+            batch = run.collate([run.valid_ds[i] for i in range(start, start + t.micro_batch_size)])
+            out = run.engine(**{k: v.to(run.device) for k, v in batch.items()})
+            totals += torch.tensor([out["lm_loss"].item() * out["tokens"].item(), out["tokens"].item()],
+                                   dtype=torch.float64)
+    run.engine.train()
+    totals = _all_reduce(totals, run.device)
+    return totals[0].item() / max(totals[1].item(), 1.0)
+
+
+def _record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    cfg = run.cfg
+    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    tflops = run.flops_per_token * tokens / seconds / run.env.world_size / 1e12
+    peak = cfg.log.peak_tflops or device_peak_tflops()
+    use_aux = bool(run.info.routers)
+    loss = result["lm_loss"]
+    if use_aux:
+        loss += run.engine.module.aux_coef * result["aux_loss"] + run.engine.module.z_coef * result["z_loss"]
+    record: dict[str, Any] = {
+        "step": run.iteration, "loss": loss, "lm_loss": result["lm_loss"],
+        "aux_loss": result["aux_loss"] if use_aux else None, "z_loss": result["z_loss"] if use_aux else None,
+        "lr": result["lr"], "grad_norm": result["grad_norm"], "tokens_per_s": tokens / seconds,
+        "tflops_per_device": tflops, "mfu": tflops / peak if peak else None, "step_time": seconds,
+        "consumed_samples": run.consumed_samples, "skipped": result["nonfinite"],
+    }
+    if result["expert_counts"].numel():
+        record["expert_share"], record["expert_imbalance"] = expert_load_summary(result["expert_counts"])
+    return record
+
+
+def _save(run: Run) -> None:
+    if not run.cfg.checkpoint.save:
+        return
+    state = {"iteration": run.iteration, "consumed_samples": run.consumed_samples,
+             "world_size": run.env.world_size, "zero_stage": run.cfg.distributed.zero_stage,
+             "global_batch_size": run.cfg.train.global_batch_size, "seq_length": run.cfg.data.seq_length,
+             "base_model": run.cfg.model.path, "model_type": run.engine.module.model.config.model_type}
+    path = ckpt_io.save_checkpoint(run.engine, run.cfg, run.iteration, state)
+    run.print(f"[moe-recipes] saved checkpoint {path}")
+
+
+def _progress(run: Run):
+    if not (run.is_main and run.cfg.log.progress_bar and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.cfg.train.iters, initial=run.iteration, unit="step", dynamic_ncols=True)
+
+
+def train(cfg: Config) -> int:
+    run = setup(cfg)
+    stop = StopRequest().install()
+    try:
+        return _loop(run, stop)
+    finally:
+        stop.restore()
+        run.writer.close()
+
+
+def _loop(run: Run, stop: StopRequest) -> int:
+    cfg = run.cfg
+    batches = _train_batches(run)
+    bar = _progress(run)
+    last_saved = run.iteration if run.iteration > 0 else -1  # resumed: that checkpoint exists
+    while run.iteration < cfg.train.iters:
+        start = time.perf_counter()
+        result = train_step(run, batches, stop)
+        if result["nonfinite"] and cfg.train.nan_policy == "stop":
+            run.print(f"[moe-recipes] non-finite loss (lm {result['lm_loss']}) at step {run.iteration + 1}: "
+                      f"stopping without saving (train.nan_policy=stop)")
+            return EXIT_NONFINITE
+        run.iteration += 1
+        run.consumed_samples += cfg.train.global_batch_size
+        if result["nonfinite"]:
+            run.print(f"[moe-recipes] non-finite loss at step {run.iteration}: update skipped")
+        record = _record(run, result, time.perf_counter() - start)
+        if run.iteration % cfg.log.interval == 0 or run.iteration == cfg.train.iters:
+            run.writer.log(record)
+            line = console_line(record, cfg.train.iters)
+            if bar:
+                bar.write(line)
+            else:
+                run.print(line)
+        if bar:
+            bar.update(1)
+        done = run.iteration == cfg.train.iters
+        if (cfg.eval.interval and run.iteration % cfg.eval.interval == 0) or done:
+            _log_eval(run)
+        if result["stop"]:
+            _save(run)
+            run.print(f"[moe-recipes] stopped by signal after step {run.iteration}; resume with --resume")
+            return 0
+        if cfg.checkpoint.save_interval and run.iteration % cfg.checkpoint.save_interval == 0:
+            _save(run)
+            last_saved = run.iteration
+    if bar:
+        bar.close()
+    if last_saved != run.iteration:
+        _save(run)
+    return 0
+
+
+def _log_eval(run: Run) -> None:
+    loss = evaluate(run)
+    if loss is None:
+        return
+    ppl = math.exp(min(loss, 50.0))
+    run.writer.log({"step": run.iteration, "valid_loss": loss, "valid_ppl": ppl})
+    run.print(f"[moe-recipes] step {run.iteration}: valid loss {loss:.4f}, perplexity {ppl:.2f}")

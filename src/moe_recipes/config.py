@@ -69,12 +69,16 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0: off)")
     loss_chunk_size: int = _f(1024, "tokens per chunk of the fused LM-head cross-entropy (0: full logits)")
     nan_policy: str = _f("stop", "on a NaN/inf loss: stop (save nothing, exit non-zero) or skip the step")
+    exit_interval: int | None = _f(None, "save and exit 0 after this many steps of this run (for jobs whose "
+                                         "time limit is known; resume with --resume)")
 
     def validate(self) -> None:
         for key in ("micro_batch_size", "global_batch_size", "iters"):
             _positive(f"train.{key}", getattr(self, key))
         _choice("train.precision", self.precision, ("bf16", "fp32"))
         _choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
+        if self.exit_interval is not None:
+            _positive("train.exit_interval", self.exit_interval)
         if self.grad_clip < 0 or self.loss_chunk_size < 0:
             raise ValueError("train.grad_clip and train.loss_chunk_size must be >= 0")
 

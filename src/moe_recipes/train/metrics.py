@@ -24,6 +24,15 @@ def device_peak_tflops() -> float | None:
     return None
 
 
+def peak_memory_gb() -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def expert_load_summary(counts: torch.Tensor) -> tuple[list[list[float]], list[float]]:
     """(layers, E) token-slot counts -> per-layer shares and max/mean imbalance (1.0 = perfectly even)."""
     counts = counts.double()

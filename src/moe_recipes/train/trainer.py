@@ -29,7 +29,13 @@ from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
 from moe_recipes.models.loading import load_model
 from moe_recipes.train import checkpoint as ckpt_io
 from moe_recipes.train.engine import deepspeed_config, gradient_accumulation_steps, initialize, set_lr
-from moe_recipes.train.metrics import MetricsWriter, console_line, device_peak_tflops, expert_load_summary
+from moe_recipes.train.metrics import (
+    MetricsWriter,
+    console_line,
+    device_peak_tflops,
+    expert_load_summary,
+    peak_memory_gb,
+)
 from moe_recipes.train.objective import CausalLMObjective
 from moe_recipes.train.schedule import lr_at
 from moe_recipes.train.signals import StopRequest
@@ -182,13 +188,20 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
     set_lr(engine, lr)
     if nonfinite and run.cfg.train.nan_policy == "skip":
         run.optimizer.skip_next_step = True
+    # ZeRO optimizers report the (pre-clipping) global norm; at stage 0 the full gradients are local
+    local_norm = _grad_norm(engine) if run.cfg.distributed.zero_stage == 0 else None
     if not nonfinite or run.cfg.train.nan_policy == "skip":
         engine.step()
     n = run.grad_accum * run.env.world_size
-    grad_norm = engine.get_global_grad_norm()
+    grad_norm = local_norm if local_norm is not None else engine.get_global_grad_norm()
     return {"lm_loss": sums[0].item() / n, "aux_loss": sums[1].item() / n, "z_loss": sums[2].item() / n,
             "nonfinite": nonfinite, "stop": sums[4].item() > 0, "lr": lr, "expert_counts": counts,
             "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+
+def _grad_norm(engine: Any) -> float:
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def evaluate(run: Run) -> float | None:
@@ -224,7 +237,7 @@ def _record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
         "aux_loss": result["aux_loss"] if use_aux else None, "z_loss": result["z_loss"] if use_aux else None,
         "lr": result["lr"], "grad_norm": result["grad_norm"], "tokens_per_s": tokens / seconds,
         "tflops_per_device": tflops, "mfu": tflops / peak if peak else None, "step_time": seconds,
-        "consumed_samples": run.consumed_samples, "skipped": result["nonfinite"],
+        "consumed_samples": run.consumed_samples, "skipped": result["nonfinite"], "peak_mem_gb": peak_memory_gb(),
     }
     if result["expert_counts"].numel():
         record["expert_share"], record["expert_imbalance"] = expert_load_summary(result["expert_counts"])
@@ -265,6 +278,7 @@ def _loop(run: Run, stop: StopRequest) -> int:
     batches = _train_batches(run)
     bar = _progress(run)
     last_saved = run.iteration if run.iteration > 0 else -1  # resumed: that checkpoint exists
+    exit_at = run.iteration + cfg.train.exit_interval if cfg.train.exit_interval else None
     while run.iteration < cfg.train.iters:
         start = time.perf_counter()
         result = train_step(run, batches, stop)
@@ -289,9 +303,11 @@ def _loop(run: Run, stop: StopRequest) -> int:
         done = run.iteration == cfg.train.iters
         if (cfg.eval.interval and run.iteration % cfg.eval.interval == 0) or done:
             _log_eval(run)
-        if result["stop"]:
-            _save(run)
-            run.print(f"[moe-recipes] stopped by signal after step {run.iteration}; resume with --resume")
+        if result["stop"] or run.iteration == exit_at:
+            if last_saved != run.iteration:
+                _save(run)
+            why = "by signal" if result["stop"] else "at train.exit_interval"
+            run.print(f"[moe-recipes] stopped {why} after step {run.iteration}; resume with --resume")
             return 0
         if cfg.checkpoint.save_interval and run.iteration % cfg.checkpoint.save_interval == 0:
             _save(run)

@@ -1,0 +1,61 @@
+"""Shared test fixtures: the real tokenizers and corpora beside the repository, tiny datasets and models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MIXTRAL_TOKENIZER = SHARED_DATA / "tokenizers" / "mixtral"
+DEEPSEEK_TOKENIZER = SHARED_DATA / "tokenizers" / "deepseek"
+CORPUS_EN = SHARED_DATA / "corpus" / "debian-reference.en.jsonl"
+CORPUS_JA = SHARED_DATA / "corpus" / "debian-reference.ja.jsonl"
+
+# Two cores: keep every test process to one or two threads.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SHARED_DATA.is_dir():
+        skip = pytest.mark.skip(reason=f"shared test data not found at {SHARED_DATA}")
+        for item in items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """The first 80 English documents as JSONL."""
+    out = tmp_path_factory.mktemp("corpus") / "en.jsonl"
+    with open(CORPUS_EN) as src, open(out, "w") as dst:
+        for i, line in enumerate(src):
+            if i >= 80:
+                break
+            dst.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_corpus, tmp_path_factory) -> str:
+    """Indexed dataset prefix of the tiny corpus, tokenized with the real Mixtral tokenizer."""
+    from moe_recipes.data.prepare import prepare_dataset
+
+    prefix = tmp_path_factory.mktemp("data") / "en"
+    prepare_dataset(inputs=[str(tiny_corpus)], tokenizer_dir=str(MIXTRAL_TOKENIZER), output_prefix=str(prefix),
+                    append_eod=True, workers=1)
+    return f"{prefix}_text_document"
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> str:
+    """A tiny random Mixtral (4 experts, top-2) with the real Mixtral tokenizer."""
+    from moe_recipes.models.init import init_model
+
+    out = tmp_path_factory.mktemp("models") / "mixtral"
+    return init_model(arch="mixtral", tokenizer_dir=str(MIXTRAL_TOKENIZER), output_dir=str(out), hidden_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,
+                      expert_intermediate_size=64, max_position_embeddings=512, seed=0)

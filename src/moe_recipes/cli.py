@@ -206,7 +206,13 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `train CONFIG --resume key=value`: overrides may also follow the flags
+    if extra and getattr(args, "overrides", None) is not None and all("=" in x and not x.startswith("-")
+                                                                      for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         rc = args.handler(args)
     except KeyboardInterrupt:

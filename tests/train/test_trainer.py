@@ -138,7 +138,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_mixtral, 
         cfg = make_config(d, tiny_mixtral, tiny_dataset, f"train.activation_checkpointing={flag}",
                           "train.iters=3", "eval.iters=0")
         assert train(cfg) == 0
-        losses.append([(r["lm_loss"], r["aux_loss"]) for r in step_records(d / "run").values()])
+        losses.append([v for r in step_records(d / "run").values() for v in (r["lm_loss"], r["aux_loss"])])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -179,5 +179,6 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, tiny_mixtral, tin
     resumed = subprocess.run(cmd + ["--resume", "train.exit_interval=1"], capture_output=True, text=True,
                              env=env, timeout=240)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resumed from {ckpt / f'iter_{state['iteration']:07d}'}" in resumed.stdout
-    assert (ckpt / "latest").read_text().strip() == f"iter_{state['iteration'] + 1:07d}"
+    step = state["iteration"]
+    assert f"resumed from {ckpt / f'iter_{step:07d}'}" in resumed.stdout
+    assert (ckpt / "latest").read_text().strip() == f"iter_{step + 1:07d}"

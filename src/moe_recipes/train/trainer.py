@@ -172,7 +172,9 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
     # sums over micro-batches (then ranks): lm, aux, z, non-finite count, stop requests
     sums = torch.zeros(5, dtype=torch.float64)
     counts = torch.zeros(0)
-    for _ in range(run.grad_accum):
+    for micro in range(run.grad_accum):
+        if micro > 0:
+            engine.step()  # DeepSpeed counts micro-steps here; it updates only at the accumulation boundary
         out = engine(**next(batches))
         engine.backward(out["loss"])
         finite = bool(torch.isfinite(out["loss"].detach()).item())

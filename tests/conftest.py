@@ -45,8 +45,13 @@ def tiny_dataset(tiny_corpus, tmp_path_factory) -> str:
     from moe_recipes.data.prepare import prepare_dataset
 
     prefix = tmp_path_factory.mktemp("data") / "en"
-    prepare_dataset(inputs=[str(tiny_corpus)], tokenizer_dir=str(MIXTRAL_TOKENIZER), output_prefix=str(prefix),
-                    append_eod=True, workers=1)
+    prepare_dataset(
+        inputs=[str(tiny_corpus)],
+        tokenizer_dir=str(MIXTRAL_TOKENIZER),
+        output_prefix=str(prefix),
+        append_eod=True,
+        workers=1,
+    )
     return f"{prefix}_text_document"
 
 
@@ -56,6 +61,17 @@ def tiny_mixtral(tmp_path_factory) -> str:
     from moe_recipes.models.init import init_model
 
     out = tmp_path_factory.mktemp("models") / "mixtral"
-    return init_model(arch="mixtral", tokenizer_dir=str(MIXTRAL_TOKENIZER), output_dir=str(out), hidden_size=64,
-                      num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,
-                      expert_intermediate_size=64, max_position_embeddings=512, seed=0)
+    return init_model(
+        arch="mixtral",
+        tokenizer_dir=str(MIXTRAL_TOKENIZER),
+        output_dir=str(out),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=4,
+        top_k=2,
+        expert_intermediate_size=64,
+        max_position_embeddings=512,
+        seed=0,
+    )

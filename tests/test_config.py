@@ -17,7 +17,9 @@ BASE = {"model": {"path": "m"}, "data": {"path": "d"}}
 
 def test_yaml_and_overrides(tmp_path):
     p = write(tmp_path, {**BASE, "train": {"iters": 5, "precision": "fp32"}})
-    cfg = load_config(p, ["train.iters=7", "optim.lr=1e-4", "data.path=[0.3, a, 0.7, b]", "moe.aux_loss_coef=0"])
+    cfg = load_config(
+        p, ["train.iters=7", "optim.lr=1e-4", "data.path=[0.3, a, 0.7, b]", "moe.aux_loss_coef=0"]
+    )
     assert cfg.train.iters == 7
     assert cfg.train.precision == "fp32"
     assert cfg.optim.lr == pytest.approx(1e-4)
@@ -63,11 +65,33 @@ def test_save_roundtrip(tmp_path):
 
 def test_describe_keys_lists_interface_keys():
     text = describe_keys()
-    for key in ["model.path", "data.path", "data.split", "data.seq_length", "data.cache_dir",
-                "train.micro_batch_size", "train.global_batch_size", "train.iters", "train.seed",
-                "train.precision", "train.activation_checkpointing", "optim.lr", "optim.min_lr",
-                "optim.warmup_iters", "optim.decay_style", "moe.aux_loss_coef", "moe.z_loss_coef",
-                "eval.interval", "eval.iters", "log.interval", "log.dir", "checkpoint.save",
-                "checkpoint.save_interval", "checkpoint.load", "checkpoint.keep_last_n",
-                "distributed.engine", "distributed.zero_stage"]:
+    for key in [
+        "model.path",
+        "data.path",
+        "data.split",
+        "data.seq_length",
+        "data.cache_dir",
+        "train.micro_batch_size",
+        "train.global_batch_size",
+        "train.iters",
+        "train.seed",
+        "train.precision",
+        "train.activation_checkpointing",
+        "optim.lr",
+        "optim.min_lr",
+        "optim.warmup_iters",
+        "optim.decay_style",
+        "moe.aux_loss_coef",
+        "moe.z_loss_coef",
+        "eval.interval",
+        "eval.iters",
+        "log.interval",
+        "log.dir",
+        "checkpoint.save",
+        "checkpoint.save_interval",
+        "checkpoint.load",
+        "checkpoint.keep_last_n",
+        "distributed.engine",
+        "distributed.zero_stage",
+    ]:
         assert f"\n{key} = " in "\n" + text, key

@@ -24,20 +24,39 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             "--no-bos turns this off."
         ),
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="JSONL files or glob patterns (quote globs so the shell leaves them alone)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="JSONL files or glob patterns (quote globs so the shell leaves them alone)",
+    )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="Hugging Face tokenizer folder")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                   help="output path prefix; files are PREFIX_<json-key>_document.{bin,idx}")
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        metavar="PREFIX",
+        help="output path prefix; files are PREFIX_<json-key>_document.{bin,idx}",
+    )
     p.add_argument("--json-key", default="text", help="key holding the document text (default: text)")
-    p.add_argument("--append-eod", action="store_true",
-                   help="append the tokenizer's EOS id to every document (needed for pre-training)")
-    p.add_argument("--no-bos", dest="bos", action="store_false",
-                   help="do not put the BOS token at the start of each document")
+    p.add_argument(
+        "--append-eod",
+        action="store_true",
+        help="append the tokenizer's EOS id to every document (needed for pre-training)",
+    )
+    p.add_argument(
+        "--no-bos",
+        dest="bos",
+        action="store_false",
+        help="do not put the BOS token at the start of each document",
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    p.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip lines that are not JSON, lack the key or hold a non-string, and count them "
-                        "(default: stop with an error naming the file and line)")
+    p.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip lines that are not JSON, lack the key or hold a non-string, and count them "
+        "(default: stop with an error naming the file and line)",
+    )
     p.set_defaults(handler=_run_prepare)
 
 
@@ -59,9 +78,12 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_data_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data-info", help="print statistics and a decoded sample of an indexed dataset",
-                       description="Print documents, tokens, dtype, the largest token id and a decoded "
-                                   "sample of PREFIX.{bin,idx}.")
+    p = sub.add_parser(
+        "data-info",
+        help="print statistics and a decoded sample of an indexed dataset",
+        description="Print documents, tokens, dtype, the largest token id and a decoded "
+        "sample of PREFIX.{bin,idx}.",
+    )
     p.add_argument("prefix", help="dataset prefix (path without .bin/.idx)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder used to decode the sample")
     p.add_argument("--sample-index", type=int, default=0, help="which document to decode (default: 0)")
@@ -72,32 +94,50 @@ def _add_data_info(sub: argparse._SubParsersAction) -> None:
 def _run_data_info(args: argparse.Namespace) -> int:
     from moe_recipes.data.info import data_info
 
-    print(data_info(args.prefix, tokenizer_dir=args.tokenizer, sample_index=args.sample_index,
-                    sample_tokens=args.sample_tokens))
+    print(
+        data_info(
+            args.prefix,
+            tokenizer_dir=args.tokenizer,
+            sample_index=args.sample_index,
+            sample_tokens=args.sample_tokens,
+        )
+    )
     return 0
 
 
 def _add_init_model(sub: argparse._SubParsersAction) -> None:
     from moe_recipes.models.init import ARCHITECTURES
 
-    p = sub.add_parser("init-model", help="write a randomly initialised Hugging Face model folder",
-                       description="Write a randomly initialised HF model (config, safetensors, tokenizer) "
-                                   "of the given architecture, sized by the flags; for demos and tests.")
+    p = sub.add_parser(
+        "init-model",
+        help="write a randomly initialised Hugging Face model folder",
+        description="Write a randomly initialised HF model (config, safetensors, tokenizer) "
+        "of the given architecture, sized by the flags; for demos and tests.",
+    )
     p.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES), help="model architecture")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder to copy in")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--intermediate-size", type=int, default=None,
-                   help="dense MLP width (default: 2x hidden); MoE expert width is --expert-intermediate-size")
-    p.add_argument("--expert-intermediate-size", type=int, default=None,
-                   help="width of each expert's MLP (default: hidden size)")
+    p.add_argument(
+        "--intermediate-size",
+        type=int,
+        default=None,
+        help="dense MLP width (default: 2x hidden); MoE expert width is --expert-intermediate-size",
+    )
+    p.add_argument(
+        "--expert-intermediate-size",
+        type=int,
+        default=None,
+        help="width of each expert's MLP (default: hidden size)",
+    )
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     p.add_argument("--experts", type=int, default=8, help="routed experts per MoE layer")
     p.add_argument("--top-k", type=int, default=2, help="experts per token")
-    p.add_argument("--shared-experts", type=int, default=None,
-                   help="shared experts (architectures that have them)")
+    p.add_argument(
+        "--shared-experts", type=int, default=None, help="shared experts (architectures that have them)"
+    )
     p.add_argument("--max-position-embeddings", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved weights")
@@ -109,12 +149,22 @@ def _run_init_model(args: argparse.Namespace) -> int:
     from moe_recipes.models.init import init_model
 
     out = init_model(
-        arch=args.arch, tokenizer_dir=args.tokenizer, output_dir=args.output,
-        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        expert_intermediate_size=args.expert_intermediate_size, num_layers=args.layers,
-        num_heads=args.heads, num_kv_heads=args.kv_heads, num_experts=args.experts, top_k=args.top_k,
-        num_shared_experts=args.shared_experts, max_position_embeddings=args.max_position_embeddings,
-        seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
+        arch=args.arch,
+        tokenizer_dir=args.tokenizer,
+        output_dir=args.output,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        expert_intermediate_size=args.expert_intermediate_size,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        num_shared_experts=args.shared_experts,
+        max_position_embeddings=args.max_position_embeddings,
+        seed=args.seed,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     print(out)
     return 0
@@ -122,17 +172,21 @@ def _run_init_model(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="(continual) pre-train or instruction-tune a Hugging Face model",
+        "train",
+        help="(continual) pre-train or instruction-tune a Hugging Face model",
         description="Train from a YAML config. Extra KEY=VALUE arguments override config keys by their "
-                    "dotted names (e.g. train.iters=100 optim.lr=1e-4). The resolved config is validated "
-                    "before anything starts and saved with every checkpoint. `moe-recipes train --show-keys` "
-                    "lists every key with its default and meaning.",
+        "dotted names (e.g. train.iters=100 optim.lr=1e-4). The resolved config is validated "
+        "before anything starts and saved with every checkpoint. `moe-recipes train --show-keys` "
+        "lists every key with its default and meaning.",
     )
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--resume", action="store_true",
-                   help="resume from the latest complete checkpoint in checkpoint.save "
-                        "(same as checkpoint.load=<checkpoint.save>)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from the latest complete checkpoint in checkpoint.save "
+        "(same as checkpoint.load=<checkpoint.save>)",
+    )
     p.add_argument("--show-keys", action="store_true", help="list all config keys and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler=_run_train)
@@ -157,10 +211,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole job end to end on the bundled sample data",
-                       description="Prepare the bundled corpus, initialise a tiny Mixtral-architecture "
-                                   "model, continually pre-train it on CPU, convert the checkpoint to a "
-                                   "Hugging Face folder and generate text with it.")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole job end to end on the bundled sample data",
+        description="Prepare the bundled corpus, initialise a tiny Mixtral-architecture "
+        "model, continually pre-train it on CPU, convert the checkpoint to a "
+        "Hugging Face folder and generate text with it.",
+    )
     p.add_argument("--workdir", default="demo_out", help="where everything is written (default: demo_out)")
     p.add_argument("--iters", type=int, default=None, help="training steps (default: the demo config's)")
     p.set_defaults(handler=_run_demo)
@@ -176,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-recipes",
         description="Continual pre-training and instruction tuning of Mixture-of-Experts LLMs in Hugging "
-                    "Face format. Run `moe-recipes COMMAND --help` for each command's flags.",
+        "Face format. Run `moe-recipes COMMAND --help` for each command's flags.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_prepare, _add_data_info, _add_init_model, _add_train, _add_demo):
@@ -208,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `train CONFIG --resume key=value`: overrides may also follow the flags
-    if extra and getattr(args, "overrides", None) is not None and all("=" in x and not x.startswith("-")
-                                                                      for x in extra):
+    if (
+        extra
+        and getattr(args, "overrides", None) is not None
+        and all("=" in x and not x.startswith("-") for x in extra)
+    ):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -26,8 +26,12 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     path: str = _f("", "Hugging Face model folder to start from (loaded as it is)")
-    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, flash_attention_2 (when installed) or eager")
-    experts_implementation: str = _f("grouped_mm", "expert compute in transformers: grouped_mm (fast) or eager")
+    attn_implementation: str = _f(
+        "sdpa", "attention kernel: sdpa, flash_attention_2 (when installed) or eager"
+    )
+    experts_implementation: str = _f(
+        "grouped_mm", "expert compute in transformers: grouped_mm (fast) or eager"
+    )
 
     def validate(self) -> None:
         if not self.path:
@@ -42,7 +46,9 @@ class DataConfig:
     path: Any = _f("", "one dataset prefix, or a Megatron-style blend [w1, prefix1, w2, prefix2, ...]")
     split: str = _f("969,30,1", "train,valid,test proportions of the documents of every prefix")
     seq_length: int = _f(2048, "tokens per sample")
-    cache_dir: str | None = _f(None, "where sample indices are cached (default: a cache/ folder beside the data)")
+    cache_dir: str | None = _f(
+        None, "where sample indices are cached (default: a cache/ folder beside the data)"
+    )
     reset_position_ids: bool = _f(False, "restart position ids at every document boundary inside a sample")
     reset_attention_mask: bool = _f(False, "keep attention inside each document (needs reset_position_ids)")
     num_workers: int = _f(1, "DataLoader worker processes per rank (0: load in the training process)")
@@ -61,7 +67,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     micro_batch_size: int = _f(1, "samples per forward pass on each rank")
-    global_batch_size: int = _f(8, "samples per optimizer step over all ranks (= micro x accumulation x ranks)")
+    global_batch_size: int = _f(
+        8, "samples per optimizer step over all ranks (= micro x accumulation x ranks)"
+    )
     iters: int = _f(1000, "optimizer steps to train in total")
     seed: int = _f(1234, "seed for initial RNG state and data shuffling")
     precision: str = _f("bf16", "bf16 (autocast, fp32 master weights and gradients) or fp32")
@@ -69,8 +77,11 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0: off)")
     loss_chunk_size: int = _f(1024, "tokens per chunk of the fused LM-head cross-entropy (0: full logits)")
     nan_policy: str = _f("stop", "on a NaN/inf loss: stop (save nothing, exit non-zero) or skip the step")
-    exit_interval: int | None = _f(None, "save and exit 0 after this many steps of this run (for jobs whose "
-                                         "time limit is known; resume with --resume)")
+    exit_interval: int | None = _f(
+        None,
+        "save and exit 0 after this many steps of this run (for jobs whose "
+        "time limit is known; resume with --resume)",
+    )
 
     def validate(self) -> None:
         for key in ("micro_batch_size", "global_batch_size", "iters"):
@@ -99,8 +110,10 @@ class OptimConfig:
     def validate(self) -> None:
         _choice("optim.decay_style", self.decay_style, ("cosine", "linear", "constant", "wsd"))
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr "
-                             f"(got lr={self.lr}, min_lr={self.min_lr})")
+            raise ValueError(
+                f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr "
+                f"(got lr={self.lr}, min_lr={self.min_lr})"
+            )
         if self.warmup_iters < 0:
             raise ValueError(f"optim.warmup_iters must be >= 0, got {self.warmup_iters}")
         if not 0 <= self.wsd_decay_fraction <= 1:
@@ -109,15 +122,18 @@ class OptimConfig:
 
 @dataclass
 class MoEConfig:
-    aux_loss_coef: float | None = _f(None, "load-balancing loss coefficient (default: the model's "
-                                           "router_aux_loss_coef, else 0.01; 0 turns it off)")
+    aux_loss_coef: float | None = _f(
+        None,
+        "load-balancing loss coefficient (default: the model's "
+        "router_aux_loss_coef, else 0.01; 0 turns it off)",
+    )
     z_loss_coef: float = _f(0.0, "router z-loss coefficient (ST-MoE; 1e-3 is typical)")
 
 
 @dataclass
 class EvalConfig:
     interval: int = _f(100, "run validation every N steps (0: never; it always runs at the end if iters > 0)")
-    iters: int = _f(10, "validation micro-batches per evaluation")
+    iters: int = _f(10, "validation global batches per evaluation (the same samples every time)")
 
 
 @dataclass
@@ -127,16 +143,20 @@ class LogConfig:
     tensorboard: bool = _f(True, "write TensorBoard events under log.dir/tensorboard")
     wandb_project: str | None = _f(None, "log to this Weights & Biases project (needs the wandb package)")
     progress_bar: bool = _f(True, "show a progress bar when the console is interactive")
-    peak_tflops: float | None = _f(None, "device peak TFLOP/s for MFU (default: the bf16 peak of known GPUs; "
-                                         "none on CPU)")
+    peak_tflops: float | None = _f(
+        None, "device peak TFLOP/s for MFU (default: the bf16 peak of known GPUs; none on CPU)"
+    )
 
 
 @dataclass
 class CheckpointConfig:
     save: str | None = _f(None, "folder for checkpoints SAVE/iter_NNNNNNN/ (none: do not save)")
     save_interval: int = _f(0, "save every N steps (0: only at the end and on SIGTERM/SIGINT)")
-    load: str | None = _f(None, "resume from the latest complete checkpoint in this folder (or an iter_ folder)")
+    load: str | None = _f(
+        None, "resume from the latest complete checkpoint in this folder (or an iter_ folder)"
+    )
     keep_last_n: int | None = _f(None, "keep only the newest N checkpoints (none: keep all)")
+    save_hf: bool = _f(False, "also write a Hugging Face folder (fp32) iter_NNNNNNN/hf/ per checkpoint")
 
     def validate(self) -> None:
         if self.save_interval < 0:
@@ -151,7 +171,9 @@ class DistributedConfig:
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3")
     offload_optimizer: bool = _f(False, "ZeRO: keep optimizer states (and step) on the CPU")
     offload_params: bool = _f(False, "ZeRO-3: keep parameters on the CPU")
-    deepspeed_config: str | None = _f(None, "a DeepSpeed JSON whose keys override the ones built from this config")
+    deepspeed_config: str | None = _f(
+        None, "a DeepSpeed JSON whose keys override the ones built from this config"
+    )
     backend: str | None = _f(None, "torch.distributed backend (default: nccl with CUDA, else gloo)")
     timeout_minutes: float = _f(30.0, "collective timeout")
 
@@ -265,8 +287,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                validate: bool = True) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, validate: bool = True
+) -> Config:
     """Build a Config from a YAML file and `key=value` overrides, then validate it."""
     cfg = Config()
     if path is not None:
@@ -299,5 +322,7 @@ def describe_keys() -> str:
     for section in dataclasses.fields(Config):
         sub = section.default_factory()  # type: ignore[misc]
         for f in dataclasses.fields(sub):
-            lines.append(f"{section.name}.{f.name} = {getattr(sub, f.name)!r}\n    {f.metadata.get('help', '')}")
+            lines.append(
+                f"{section.name}.{f.name} = {getattr(sub, f.name)!r}\n    {f.metadata.get('help', '')}"
+            )
     return "\n".join(lines)

@@ -19,7 +19,9 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 def _require_assets() -> None:
     for path in (ASSETS / "tokenizer" / "tokenizer.json", ASSETS / "corpus", DEMO_CONFIG):
         if not path.exists():
-            raise FileNotFoundError(f"demo asset missing: {path} (run the demo from a checkout of the repository)")
+            raise FileNotFoundError(
+                f"demo asset missing: {path} (run the demo from a checkout of the repository)"
+            )
 
 
 def run_demo(workdir: str | Path = "demo_out", iters: int | None = None) -> int:
@@ -32,18 +34,39 @@ def run_demo(workdir: str | Path = "demo_out", iters: int | None = None) -> int:
     work = Path(workdir)
     tokenizer = ASSETS / "tokenizer"
     print(f"== 1/4 prepare: tokenizing {ASSETS / 'corpus'} ==", flush=True)
-    stats = prepare_dataset(inputs=[str(ASSETS / "corpus" / "*.jsonl")], tokenizer_dir=str(tokenizer),
-                            output_prefix=str(work / "data" / "debian_en"), append_eod=True, workers=2)
+    stats = prepare_dataset(
+        inputs=[str(ASSETS / "corpus" / "*.jsonl")],
+        tokenizer_dir=str(tokenizer),
+        output_prefix=str(work / "data" / "debian_en"),
+        append_eod=True,
+        workers=2,
+    )
     print(stats.summary(), flush=True)
     print("== 2/4 init-model: tiny Mixtral (8 experts, top-2) ==", flush=True)
-    base = init_model(arch="mixtral", tokenizer_dir=str(tokenizer), output_dir=str(work / "base_model"),
-                      hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, num_experts=8, top_k=2,
-                      expert_intermediate_size=256, max_position_embeddings=1024, seed=0, overwrite=True)
+    base = init_model(
+        arch="mixtral",
+        tokenizer_dir=str(tokenizer),
+        output_dir=str(work / "base_model"),
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=8,
+        top_k=2,
+        expert_intermediate_size=256,
+        max_position_embeddings=1024,
+        seed=0,
+        overwrite=True,
+    )
     print(f"base model: {base}", flush=True)
     print("== 3/4 train: continual pre-training on CPU ==", flush=True)
-    overrides = [f"model.path={base}", f"data.path={work / 'data' / 'debian_en_text_document'}",
-                 f"log.dir={work / 'run'}", f"checkpoint.save={work / 'checkpoints'}",
-                 f"data.cache_dir={work / 'data' / 'cache'}"]
+    overrides = [
+        f"model.path={base}",
+        f"data.path={work / 'data' / 'debian_en_text_document'}",
+        f"log.dir={work / 'run'}",
+        f"checkpoint.save={work / 'checkpoints'}",
+        f"data.cache_dir={work / 'data' / 'cache'}",
+    ]
     if iters is not None:
         overrides.append(f"train.iters={iters}")
     cfg = load_config(DEMO_CONFIG, overrides)
@@ -51,7 +74,9 @@ def run_demo(workdir: str | Path = "demo_out", iters: int | None = None) -> int:
     if rc != 0:
         return rc
     _report_valid_losses(work / "run" / "metrics.jsonl")
-    print(f"checkpoints: {work / 'checkpoints'} (latest: {(work / 'checkpoints' / 'latest').read_text().strip()})")
+    print(
+        f"checkpoints: {work / 'checkpoints'} (latest: {(work / 'checkpoints' / 'latest').read_text().strip()})"
+    )
     if importlib.util.find_spec("moe_recipes.convert.hf") is None:
         return 0
     return _convert_and_generate(work)
@@ -73,7 +98,12 @@ def _convert_and_generate(work: Path) -> int:
     print("== 4/4 convert + generate ==", flush=True)
     out = convert_checkpoint(str(work / "checkpoints"), output_dir=str(work / "hf_model"), overwrite=True)
     print(f"Hugging Face model: {out}", flush=True)
-    text = generate_text(str(out), prompt="The Debian package management system", max_new_tokens=40,
-                         temperature=0.0, stream=True)
+    text = generate_text(
+        str(out),
+        prompt="The Debian package management system",
+        max_new_tokens=40,
+        temperature=0.0,
+        stream=True,
+    )
     print(flush=True)
     return 0 if text is not None else 1

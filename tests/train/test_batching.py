@@ -11,8 +11,10 @@ def test_reset_positions():
 
 
 def test_collator_shifts_labels_and_masks():
-    samples = [{"tokens": np.arange(6), "doc_starts": np.array([0, 2])},
-               {"tokens": np.arange(10, 16), "doc_starts": np.array([0])}]
+    samples = [
+        {"tokens": np.arange(6), "doc_starts": np.array([0, 2])},
+        {"tokens": np.arange(10, 16), "doc_starts": np.array([0])},
+    ]
     plain = PretrainCollator()(samples)
     assert plain["input_ids"].tolist() == [[0, 1, 2, 3, 4], [10, 11, 12, 13, 14]]
     assert plain["labels"].tolist() == [[1, 2, 3, 4, 5], [11, 12, 13, 14, 15]]

@@ -39,8 +39,14 @@ def _compare(reference, run_dir):
 
 
 def test_zero3_torchrun_matches_single_process(tmp_path, reference, tiny_mixtral, tiny_dataset):
-    config = write_config(tmp_path, tiny_mixtral, tiny_dataset, *COMMON, "distributed.zero_stage=3",
-                          f"checkpoint.save={tmp_path / 'ckpt'}")
+    config = write_config(
+        tmp_path,
+        tiny_mixtral,
+        tiny_dataset,
+        *COMMON,
+        "distributed.zero_stage=3",
+        f"checkpoint.save={tmp_path / 'ckpt'}",
+    )
     out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
     assert "2 process(es) (torchrun), ZeRO-3" in out.stdout
     _compare(reference, tmp_path / "run")

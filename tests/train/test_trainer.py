@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +18,32 @@ from moe_recipes.train.trainer import EXIT_NONFINITE, train
 
 from .utils import make_config, metrics, step_records, write_config
 
-REQUIRED_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
-                 "expert_share", "expert_imbalance", "tflops_per_device", "peak_mem_gb"}
+REQUIRED_KEYS = {
+    "step",
+    "loss",
+    "lm_loss",
+    "aux_loss",
+    "z_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "expert_share",
+    "expert_imbalance",
+    "tflops_per_device",
+    "peak_mem_gb",
+}
 
 
 def test_run_logs_metrics_and_keeps_last_checkpoints(tmp_path, tiny_mixtral, tiny_dataset):
-    cfg = make_config(tmp_path, tiny_mixtral, tiny_dataset, f"checkpoint.save={tmp_path / 'ckpt'}",
-                      "checkpoint.save_interval=2", "checkpoint.keep_last_n=2", "log.tensorboard=true")
+    cfg = make_config(
+        tmp_path,
+        tiny_mixtral,
+        tiny_dataset,
+        f"checkpoint.save={tmp_path / 'ckpt'}",
+        "checkpoint.save_interval=2",
+        "checkpoint.keep_last_n=2",
+        "log.tensorboard=true",
+    )
     assert train(cfg) == 0
     records = metrics(tmp_path / "run")
     steps = [r for r in records if "lm_loss" in r]
@@ -42,8 +60,10 @@ def test_run_logs_metrics_and_keeps_last_checkpoints(tmp_path, tiny_mixtral, tin
     assert [r["step"] for r in records if "valid_loss" in r] == [3, 6]
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text().strip() == "iter_0000006"
-    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000004",
-                                                                                    "iter_0000006"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == [
+        "iter_0000004",
+        "iter_0000006",
+    ]
     state = json.loads((ckpt / "iter_0000006" / "run_state.json").read_text())
     assert state["iteration"] == 6 and state["consumed_samples"] == 24
     assert (ckpt / "iter_0000006" / "config.yaml").is_file()
@@ -57,8 +77,16 @@ def test_gradient_accumulation_matches_larger_micro_batch(tmp_path, tiny_mixtral
     runs = {}
     for mbs in (4, 1):
         d = tmp_path / f"mbs{mbs}"
-        cfg = make_config(d, tiny_mixtral, tiny_dataset, f"train.micro_batch_size={mbs}", "train.iters=4",
-                          "moe.aux_loss_coef=0", "moe.z_loss_coef=0", "eval.iters=0")
+        cfg = make_config(
+            d,
+            tiny_mixtral,
+            tiny_dataset,
+            f"train.micro_batch_size={mbs}",
+            "train.iters=4",
+            "moe.aux_loss_coef=0",
+            "moe.z_loss_coef=0",
+            "eval.iters=0",
+        )
         assert train(cfg) == 0
         runs[mbs] = [r["lm_loss"] for r in step_records(d / "run").values()]
     assert runs[4] == pytest.approx(runs[1], rel=1e-5)
@@ -69,12 +97,14 @@ def test_resumed_run_matches_uninterrupted(tmp_path, tiny_mixtral, tiny_dataset)
     full = make_config(tmp_path / "full", tiny_mixtral, tiny_dataset)
     assert train(full) == 0
     ckpt = tmp_path / "split" / "ckpt"
-    first = make_config(tmp_path / "split", tiny_mixtral, tiny_dataset, f"checkpoint.save={ckpt}",
-                        "train.exit_interval=3")
+    first = make_config(
+        tmp_path / "split", tiny_mixtral, tiny_dataset, f"checkpoint.save={ckpt}", "train.exit_interval=3"
+    )
     assert train(first) == 0
     assert (ckpt / "latest").read_text().strip() == "iter_0000003"
-    second = make_config(tmp_path / "split", tiny_mixtral, tiny_dataset, f"checkpoint.save={ckpt}",
-                         f"checkpoint.load={ckpt}")
+    second = make_config(
+        tmp_path / "split", tiny_mixtral, tiny_dataset, f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}"
+    )
     assert train(second) == 0
     a, b = step_records(tmp_path / "full" / "run"), step_records(tmp_path / "split" / "run")
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -104,8 +134,9 @@ def _nan_at(monkeypatch, call: int) -> None:
 
 def test_nan_loss_stops_without_saving(tmp_path, tiny_mixtral, tiny_dataset, monkeypatch, capsys):
     _nan_at(monkeypatch, call=5)  # step 3's first micro-batch (2 per step)
-    cfg = make_config(tmp_path, tiny_mixtral, tiny_dataset, f"checkpoint.save={tmp_path / 'ckpt'}",
-                      "eval.interval=0")
+    cfg = make_config(
+        tmp_path, tiny_mixtral, tiny_dataset, f"checkpoint.save={tmp_path / 'ckpt'}", "eval.interval=0"
+    )
     assert train(cfg) == EXIT_NONFINITE
     out = capsys.readouterr().out
     assert "non-finite loss" in out and "at step 3" in out
@@ -115,8 +146,16 @@ def test_nan_loss_stops_without_saving(tmp_path, tiny_mixtral, tiny_dataset, mon
 def test_nan_loss_skip_discards_the_update(tmp_path, tiny_mixtral, tiny_dataset, monkeypatch):
     _nan_at(monkeypatch, call=5)
     ckpt = tmp_path / "ckpt"
-    cfg = make_config(tmp_path, tiny_mixtral, tiny_dataset, f"checkpoint.save={ckpt}", "train.nan_policy=skip",
-                      "checkpoint.save_interval=1", "eval.interval=0", "eval.iters=0")
+    cfg = make_config(
+        tmp_path,
+        tiny_mixtral,
+        tiny_dataset,
+        f"checkpoint.save={ckpt}",
+        "train.nan_policy=skip",
+        "checkpoint.save_interval=1",
+        "eval.interval=0",
+        "eval.iters=0",
+    )
     assert train(cfg) == 0
     recs = step_records(tmp_path / "run")
     assert [s for s, r in recs.items() if r["skipped"]] == [3]
@@ -135,8 +174,14 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_mixtral, 
     losses = []
     for flag in ("false", "true"):
         d = tmp_path / flag
-        cfg = make_config(d, tiny_mixtral, tiny_dataset, f"train.activation_checkpointing={flag}",
-                          "train.iters=3", "eval.iters=0")
+        cfg = make_config(
+            d,
+            tiny_mixtral,
+            tiny_dataset,
+            f"train.activation_checkpointing={flag}",
+            "train.iters=3",
+            "eval.iters=0",
+        )
         assert train(cfg) == 0
         losses.append([v for r in step_records(d / "run").values() for v in (r["lm_loss"], r["aux_loss"])])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -144,8 +189,11 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_mixtral, 
 
 def test_document_masking_changes_attention(tmp_path, tiny_mixtral, tiny_dataset):
     out = {}
-    for name, extra in {"plain": [], "pos": ["data.reset_position_ids=true"],
-                        "mask": ["data.reset_position_ids=true", "data.reset_attention_mask=true"]}.items():
+    for name, extra in {
+        "plain": [],
+        "pos": ["data.reset_position_ids=true"],
+        "mask": ["data.reset_position_ids=true", "data.reset_attention_mask=true"],
+    }.items():
         d = tmp_path / name
         cfg = make_config(d, tiny_mixtral, tiny_dataset, "train.iters=1", "eval.iters=0", *extra)
         assert train(cfg) == 0
@@ -156,8 +204,15 @@ def test_document_masking_changes_attention(tmp_path, tiny_mixtral, tiny_dataset
 
 def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, tiny_mixtral, tiny_dataset):
     ckpt = tmp_path / "ckpt"
-    config = write_config(tmp_path, tiny_mixtral, tiny_dataset, f"checkpoint.save={ckpt}", "train.iters=400",
-                          "eval.interval=0", "log.interval=1")
+    config = write_config(
+        tmp_path,
+        tiny_mixtral,
+        tiny_dataset,
+        f"checkpoint.save={ckpt}",
+        "train.iters=400",
+        "eval.interval=0",
+        "log.interval=1",
+    )
     cmd = [sys.executable, "-m", "moe_recipes.cli", "train", str(config)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -176,8 +231,9 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, tiny_mixtral, tin
     state = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "run_state.json").read_text())
     assert 2 <= state["iteration"] < 400
     assert state["consumed_samples"] == 4 * state["iteration"]
-    resumed = subprocess.run(cmd + ["--resume", "train.exit_interval=1"], capture_output=True, text=True,
-                             env=env, timeout=240)
+    resumed = subprocess.run(
+        cmd + ["--resume", "train.exit_interval=1"], capture_output=True, text=True, env=env, timeout=240
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     step = state["iteration"]
     assert f"resumed from {ckpt / f'iter_{step:07d}'}" in resumed.stdout

@@ -12,13 +12,28 @@ from moe_recipes.config import Config, load_config
 
 def overrides(tmp_path: Path, model: str, data: str, *extra: str) -> list[str]:
     return [
-        f"model.path={model}", f"data.path={data}", "data.seq_length=64", "data.split=90,10,0",
-        f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
-        "train.micro_batch_size=2", "train.global_batch_size=4", "train.iters=6", "train.precision=fp32",
-        "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_iters=2",
-        "moe.aux_loss_coef=0.01", "moe.z_loss_coef=0.001",
-        "eval.interval=3", "eval.iters=2", f"log.dir={tmp_path / 'run'}", "log.tensorboard=false",
-        "log.progress_bar=false", "distributed.zero_stage=0", *extra,
+        f"model.path={model}",
+        f"data.path={data}",
+        "data.seq_length=64",
+        "data.split=90,10,0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.num_workers=0",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.iters=6",
+        "train.precision=fp32",
+        "optim.lr=1e-3",
+        "optim.min_lr=1e-4",
+        "optim.warmup_iters=2",
+        "moe.aux_loss_coef=0.01",
+        "moe.z_loss_coef=0.001",
+        "eval.interval=3",
+        "eval.iters=2",
+        f"log.dir={tmp_path / 'run'}",
+        "log.tensorboard=false",
+        "log.progress_bar=false",
+        "distributed.zero_stage=0",
+        *extra,
     ]
 
 

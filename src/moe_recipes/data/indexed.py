@@ -25,7 +25,14 @@ import numpy as np
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES: dict[int, type[np.generic]] = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
 }
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
@@ -43,8 +50,9 @@ def idx_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}.idx")
 
 
-def write_index(path: str | os.PathLike, dtype: type[np.generic], lengths: np.ndarray,
-                doc_idx: np.ndarray | None = None) -> None:
+def write_index(
+    path: str | os.PathLike, dtype: type[np.generic], lengths: np.ndarray, doc_idx: np.ndarray | None = None
+) -> None:
     """Write an .idx for sequences of `lengths` tokens stored back to back in the .bin."""
     dtype = np.dtype(dtype)
     lengths = np.asarray(lengths, dtype=np.int32)
@@ -100,8 +108,12 @@ class IndexedDataset:
         buf = memoryview(self._idx_mmap)
         self.sizes = np.frombuffer(buf, dtype=np.int32, count=self._len, offset=offset)
         self.pointers = np.frombuffer(buf, dtype=np.int64, count=self._len, offset=offset + self.sizes.nbytes)
-        self.doc_idx = np.frombuffer(buf, dtype=np.int64, count=self._doc_count,
-                                     offset=offset + self.sizes.nbytes + self.pointers.nbytes)
+        self.doc_idx = np.frombuffer(
+            buf,
+            dtype=np.int64,
+            count=self._doc_count,
+            offset=offset + self.sizes.nbytes + self.pointers.nbytes,
+        )
         total = int(self.sizes.astype(np.int64).sum()) * self.dtype.itemsize
         if bpath.stat().st_size != total:
             raise ValueError(f"{bpath}: size {bpath.stat().st_size} does not match its index ({total} bytes)")

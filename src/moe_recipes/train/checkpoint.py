@@ -31,9 +31,21 @@ import torch.distributed as dist
 from moe_recipes.config import Config
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
-HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "added_tokens.json",
-            "vocab.json", "merges.txt", "LICENSE", "README.md")
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "LICENSE",
+    "README.md",
+)
 
 
 def iter_name(iteration: int) -> str:
@@ -109,6 +121,10 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
             shutil.rmtree(tmp)  # left over from a crash during an earlier save
     _barrier()
     engine.save_checkpoint(str(save_dir), tag=tmp.name, save_latest=False)
+    if cfg.checkpoint.save_hf:
+        from moe_recipes.convert.export import export_hf  # collective; rank 0 writes tmp/hf
+
+        export_hf(engine, cfg, tmp / "hf")
     torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
     if rank == 0:
         cfg.save(tmp / "config.yaml")
@@ -147,9 +163,11 @@ def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
     if run_state.get("world_size") != world and run_state.get("zero_stage", 0) > 0:
         raise ValueError(
             f"{ckpt} was written by {run_state.get('world_size')} processes with ZeRO stage "
-            f"{run_state.get('zero_stage')}; resuming it needs the same number of processes (got {world})")
-    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+            f"{run_state.get('zero_stage')}; resuming it needs the same number of processes (got {world})"
+        )
+    load_path, _ = engine.load_checkpoint(
+        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {ckpt}")
     rng_file = ckpt / f"rng_state_rank{_rank()}.pt"

@@ -82,7 +82,8 @@ def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:
     if t.global_batch_size % per_step:
         raise ValueError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x {dp_size} data-parallel ranks")
+            f"{t.micro_batch_size} x {dp_size} data-parallel ranks"
+        )
     return t.global_batch_size // per_step
 
 
@@ -103,8 +104,9 @@ def initialize(module: nn.Module, cfg: Config, ds_config: dict[str, Any], leaf_c
         # Experts that get no tokens on one rank must not leave the others waiting for a gather.
         set_z3_leaf_modules(module, list(leaf_classes))
     o = cfg.optim
-    optimizer = SkippableAdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                               eps=o.eps)
+    optimizer = SkippableAdamW(
+        param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine, optimizer
 

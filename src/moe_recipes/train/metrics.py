@@ -11,7 +11,14 @@ import torch
 
 # Dense bf16 peak TFLOP/s per device, for MFU. Devices not listed report no MFU unless
 # log.peak_tflops is given; MFU is only meaningful against the chip's own peak.
-_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GH200": 989.0, "L40S": 362.0}
+_PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "B200": 2250.0,
+    "GH200": 989.0,
+    "L40S": 362.0,
+}
 
 
 def device_peak_tflops() -> float | None:
@@ -46,8 +53,14 @@ def expert_load_summary(counts: torch.Tensor) -> tuple[list[list[float]], list[f
 class MetricsWriter:
     """Writes records on the main rank; other ranks get a writer that does nothing."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool, tensorboard: bool, wandb_project: str | None,
-                 config: dict[str, Any]):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool,
+        wandb_project: str | None,
+        config: dict[str, Any],
+    ):
         self.enabled = enabled
         self.dir = Path(log_dir)
         self._file = None
@@ -100,8 +113,12 @@ def console_line(r: dict[str, Any], total_iters: int) -> str:
         parts.append(f"aux {r['aux_loss']:.4f}")
     if r.get("z_loss") is not None:
         parts.append(f"z {r['z_loss']:.4f}")
-    parts += [f"lr {r['lr']:.3e}", f"gnorm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "gnorm -",
-              f"{r['tokens_per_s']:.0f} tok/s", f"{r['tflops_per_device']:.2f} TFLOP/s/dev"]
+    parts += [
+        f"lr {r['lr']:.3e}",
+        f"gnorm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "gnorm -",
+        f"{r['tokens_per_s']:.0f} tok/s",
+        f"{r['tflops_per_device']:.2f} TFLOP/s/dev",
+    ]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("expert_imbalance"):

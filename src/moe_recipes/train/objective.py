@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_recipes.models.fused_loss import fused_linear_cross_entropy
 from moe_recipes.models.inspect import MoEInfo, RouterCapture
 from moe_recipes.models.losses import chunked_causal_lm_loss, expert_counts, lm_head_spec, moe_losses
 
@@ -27,14 +28,26 @@ class CausalLMObjective(nn.Module):
     cross-entropy of the micro-batch and aux/z are averaged over MoE layers.
     """
 
-    def __init__(self, model: nn.Module, info: MoEInfo, *, aux_coef: float, z_coef: float,
-                 chunk_size: int, bf16: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        info: MoEInfo,
+        *,
+        aux_coef: float,
+        z_coef: float,
+        chunk_size: int,
+        bf16: bool,
+        fused_head: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.info = info
         self.aux_coef = aux_coef
         self.z_coef = z_coef
         self.chunk_size = chunk_size
+        head = model.get_output_embeddings()
+        # The fused head reads the weight directly; ZeRO-3 only materialises it inside the module's own call.
+        self.fused_head = fused_head and chunk_size > 0 and getattr(head, "bias", None) is None
         self.bf16 = bf16
         self.head_spec = lm_head_spec(model)
         self.capture = RouterCapture(model, info) if info.routers else None
@@ -44,13 +57,19 @@ class CausalLMObjective(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         if self.capture is not None:
             self.capture.clear()
         with self._autocast(input_ids.device):
-            out = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
-                                           attention_mask=attention_mask, use_cache=False)
+            out = self.model.get_decoder()(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            )
             hidden = out.last_hidden_state  # (batch, seq, hidden)
             loss_sum, n_tokens = self._lm_loss(hidden, labels)
         lm_loss = loss_sum / n_tokens.clamp(min=1)
@@ -62,14 +81,30 @@ class CausalLMObjective(nn.Module):
         if captured and self.z_coef:
             loss = loss + self.z_coef * z
         counts = expert_counts(captured, self.info.num_experts) if captured else torch.zeros(0, 0)
-        return {"loss": loss, "lm_loss": lm_loss.detach(), "aux_loss": aux.detach(), "z_loss": z.detach(),
-                "expert_counts": counts, "tokens": n_tokens.detach()}
+        return {
+            "loss": loss,
+            "lm_loss": lm_loss.detach(),
+            "aux_loss": aux.detach(),
+            "z_loss": z.detach(),
+            "expert_counts": counts,
+            "tokens": n_tokens.detach(),
+        }
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = self.model.get_output_embeddings()
+        if self.fused_head:
+            return fused_linear_cross_entropy(
+                hidden,
+                head.weight,
+                labels,
+                chunk_size=self.chunk_size,
+                ignore_index=IGNORE_INDEX,
+                **self.head_spec,
+            )
         if self.chunk_size > 0:
-            return chunked_causal_lm_loss(hidden, head, labels, chunk_size=self.chunk_size,
-                                          ignore_index=IGNORE_INDEX, **self.head_spec)
+            return chunked_causal_lm_loss(
+                hidden, head, labels, chunk_size=self.chunk_size, ignore_index=IGNORE_INDEX, **self.head_spec
+            )
         logits = head(hidden).float()
         if self.head_spec.get("logit_scale", 1.0) != 1.0:
             logits = logits * self.head_spec["logit_scale"]
@@ -77,6 +112,7 @@ class CausalLMObjective(nn.Module):
             cap = self.head_spec["softcap"]
             logits = torch.tanh(logits / cap) * cap
         flat = labels.reshape(-1)
-        loss_sum = F.cross_entropy(logits.reshape(flat.numel(), -1), flat, ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
+        loss_sum = F.cross_entropy(
+            logits.reshape(flat.numel(), -1), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         return loss_sum, (flat != IGNORE_INDEX).sum()

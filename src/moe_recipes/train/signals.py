@@ -23,8 +23,11 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"[moe-recipes] received {self.signal_name}: finishing this step, then saving and exiting",
-              file=sys.stderr, flush=True)
+        print(
+            f"[moe-recipes] received {self.signal_name}: finishing this step, then saving and exiting",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @property
     def requested(self) -> bool:

@@ -90,8 +90,12 @@ def setup(cfg: Config) -> Run:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive.append(HfDeepSpeedConfig(ds_config))
-    model = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
-                       experts_implementation=cfg.model.experts_implementation, device=device)
+    model = load_model(
+        cfg.model.path,
+        attn_implementation=cfg.model.attn_implementation,
+        experts_implementation=cfg.model.experts_implementation,
+        device=device,
+    )
     model.config.use_cache = False
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -99,33 +103,60 @@ def setup(cfg: Config) -> Run:
     aux_coef = cfg.moe.aux_loss_coef
     if aux_coef is None:
         aux_coef = float(getattr(model.config, "router_aux_loss_coef", None) or 0.01)
-    objective = CausalLMObjective(model, info, aux_coef=aux_coef, z_coef=cfg.moe.z_loss_coef,
-                                  chunk_size=cfg.train.loss_chunk_size, bf16=cfg.train.precision == "bf16")
+    objective = CausalLMObjective(
+        model,
+        info,
+        aux_coef=aux_coef,
+        z_coef=cfg.moe.z_loss_coef,
+        chunk_size=cfg.train.loss_chunk_size,
+        bf16=cfg.train.precision == "bf16",
+        fused_head=cfg.distributed.zero_stage != 3,
+    )
     fpt = flops_per_token(model, cfg.data.seq_length)
     engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
-    train_ds, valid_ds = _datasets(cfg, env)
-    writer = MetricsWriter(cfg.log.dir, env.rank == 0, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict())
-    run = Run(cfg=cfg, env=env, device=device, engine=engine, optimizer=optimizer, info=info,
-              grad_accum=grad_accum, flops_per_token=fpt,
-              collate=PretrainCollator(cfg.data.reset_position_ids, cfg.data.reset_attention_mask),
-              train_ds=train_ds, valid_ds=valid_ds, writer=writer, keep_alive=keep_alive)
+    train_ds, valid_ds = _datasets(cfg)
+    writer = MetricsWriter(
+        cfg.log.dir, env.rank == 0, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict()
+    )
+    run = Run(
+        cfg=cfg,
+        env=env,
+        device=device,
+        engine=engine,
+        optimizer=optimizer,
+        info=info,
+        grad_accum=grad_accum,
+        flops_per_token=fpt,
+        collate=PretrainCollator(cfg.data.reset_position_ids, cfg.data.reset_attention_mask),
+        train_ds=train_ds,
+        valid_ds=valid_ds,
+        writer=writer,
+        keep_alive=keep_alive,
+    )
     if run.is_main:
         cfg.save(writer.dir / "config.yaml")
-        run.print(f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), ZeRO-{cfg.distributed.zero_stage}, "
-                  f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
-                  f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
-                  f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}")
+        run.print(
+            f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), ZeRO-{cfg.distributed.zero_stage}, "
+            f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
+            f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
+            f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}"
+        )
     _maybe_resume(run)
     return run
 
 
-def _datasets(cfg: Config, env: DistEnv) -> tuple[Any, Any]:
+def _datasets(cfg: Config) -> tuple[Any, Any]:
     t = cfg.train
     n_train = t.iters * t.global_batch_size
-    n_valid = cfg.eval.iters * t.micro_batch_size * env.world_size if cfg.eval.iters > 0 else 0
-    train_ds, valid_ds, _ = build_pretrain_datasets(cfg.data.path, cfg.data.split, cfg.data.seq_length,
-                                                    (n_train, n_valid, 0), seed=t.seed,
-                                                    cache_dir=cfg.data.cache_dir)
+    n_valid = cfg.eval.iters * t.global_batch_size
+    train_ds, valid_ds, _ = build_pretrain_datasets(
+        cfg.data.path,
+        cfg.data.split,
+        cfg.data.seq_length,
+        (n_train, n_valid, 0),
+        seed=t.seed,
+        cache_dir=cfg.data.cache_dir,
+    )
     if train_ds is None:
         raise ValueError(f"data.split={cfg.data.split!r} leaves no training documents in {cfg.data.path}")
     return train_ds, valid_ds
@@ -142,19 +173,30 @@ def _maybe_resume(run: Run) -> None:
     state = ckpt_io.load_checkpoint(run.engine, ckpt)
     run.iteration = int(state["iteration"])
     run.consumed_samples = int(state["consumed_samples"])
-    run.print(f"[moe-recipes] resumed from {ckpt} at step {run.iteration} "
-              f"({run.consumed_samples} samples consumed)")
+    run.print(
+        f"[moe-recipes] resumed from {ckpt} at step {run.iteration} ({run.consumed_samples} samples consumed)"
+    )
 
 
 def _train_batches(run: Run) -> Iterator[dict[str, torch.Tensor]]:
     t = run.cfg.train
-    sampler = PretrainBatchSampler(total_samples=t.iters * t.global_batch_size,
-                                   consumed_samples=run.consumed_samples, micro_batch_size=t.micro_batch_size,
-                                   dp_rank=run.env.rank, dp_size=run.env.world_size)
+    sampler = PretrainBatchSampler(
+        total_samples=t.iters * t.global_batch_size,
+        consumed_samples=run.consumed_samples,
+        micro_batch_size=t.micro_batch_size,
+        dp_rank=run.env.rank,
+        dp_size=run.env.world_size,
+    )
     workers = run.cfg.data.num_workers
-    loader = DataLoader(run.train_ds, batch_sampler=sampler, collate_fn=run.collate, num_workers=workers,
-                        pin_memory=run.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if workers > 0 else None)
+    loader = DataLoader(
+        run.train_ds,
+        batch_sampler=sampler,
+        collate_fn=run.collate,
+        num_workers=workers,
+        pin_memory=run.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
     for batch in loader:
         yield {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
 
@@ -178,8 +220,16 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
         out = engine(**next(batches))
         engine.backward(out["loss"])
         finite = bool(torch.isfinite(out["loss"].detach()).item())
-        sums += torch.tensor([out["lm_loss"].item(), out["aux_loss"].item(), out["z_loss"].item(),
-                              0.0 if finite else 1.0, 0.0], dtype=torch.float64)
+        sums += torch.tensor(
+            [
+                out["lm_loss"].item(),
+                out["aux_loss"].item(),
+                out["z_loss"].item(),
+                0.0 if finite else 1.0,
+                0.0,
+            ],
+            dtype=torch.float64,
+        )
         counts = out["expert_counts"].double() if counts.numel() == 0 else counts + out["expert_counts"]
     sums[4] = 1.0 if stop.requested else 0.0
     sums = _all_reduce(sums, run.device)
@@ -196,9 +246,16 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
         engine.step()
     n = run.grad_accum * run.env.world_size
     grad_norm = local_norm if local_norm is not None else engine.get_global_grad_norm()
-    return {"lm_loss": sums[0].item() / n, "aux_loss": sums[1].item() / n, "z_loss": sums[2].item() / n,
-            "nonfinite": nonfinite, "stop": sums[4].item() > 0, "lr": lr, "expert_counts": counts,
-            "grad_norm": None if grad_norm is None else float(grad_norm)}
+    return {
+        "lm_loss": sums[0].item() / n,
+        "aux_loss": sums[1].item() / n,
+        "z_loss": sums[2].item() / n,
+        "nonfinite": nonfinite,
+        "stop": sums[4].item() > 0,
+        "lr": lr,
+        "expert_counts": counts,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+    }
 
 
 def _grad_norm(engine: Any) -> float:
@@ -207,19 +264,30 @@ def _grad_norm(engine: Any) -> float:
 
 
 def evaluate(run: Run) -> float | None:
-    """Mean token loss over the first eval.iters global micro-batches of the validation split."""
+    """Mean token loss over the first eval.iters x global_batch_size samples of the validation split.
+
+    The samples do not depend on the number of processes: each rank takes its micro-batches of every
+    global batch, as in training.
+    """
     if run.valid_ds is None or run.cfg.eval.iters <= 0:
         return None
     t, env = run.cfg.train, run.env
     run.engine.eval()
     totals = torch.zeros(2, dtype=torch.float64)
+    sampler = PretrainBatchSampler(
+        total_samples=run.cfg.eval.iters * t.global_batch_size,
+        consumed_samples=0,
+        micro_batch_size=t.micro_batch_size,
+        dp_rank=env.rank,
+        dp_size=env.world_size,
+    )
     with torch.no_grad():
-        for it in range(run.cfg.eval.iters):
-            start = (it * env.world_size + env.rank) * t.micro_batch_size
-            batch = run.collate([run.valid_ds[i] for i in range(start, start + t.micro_batch_size)])
+        for indices in sampler:
+            batch = run.collate([run.valid_ds[i] for i in indices])
             out = run.engine(**{k: v.to(run.device) for k, v in batch.items()})
-            totals += torch.tensor([out["lm_loss"].item() * out["tokens"].item(), out["tokens"].item()],
-                                   dtype=torch.float64)
+            totals += torch.tensor(
+                [out["lm_loss"].item() * out["tokens"].item(), out["tokens"].item()], dtype=torch.float64
+            )
     run.engine.train()
     totals = _all_reduce(totals, run.device)
     return totals[0].item() / max(totals[1].item(), 1.0)
@@ -235,11 +303,20 @@ def _record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
     if use_aux:
         loss += run.engine.module.aux_coef * result["aux_loss"] + run.engine.module.z_coef * result["z_loss"]
     record: dict[str, Any] = {
-        "step": run.iteration, "loss": loss, "lm_loss": result["lm_loss"],
-        "aux_loss": result["aux_loss"] if use_aux else None, "z_loss": result["z_loss"] if use_aux else None,
-        "lr": result["lr"], "grad_norm": result["grad_norm"], "tokens_per_s": tokens / seconds,
-        "tflops_per_device": tflops, "mfu": tflops / peak if peak else None, "step_time": seconds,
-        "consumed_samples": run.consumed_samples, "skipped": result["nonfinite"], "peak_mem_gb": peak_memory_gb(),
+        "step": run.iteration,
+        "loss": loss,
+        "lm_loss": result["lm_loss"],
+        "aux_loss": result["aux_loss"] if use_aux else None,
+        "z_loss": result["z_loss"] if use_aux else None,
+        "lr": result["lr"],
+        "grad_norm": result["grad_norm"],
+        "tokens_per_s": tokens / seconds,
+        "tflops_per_device": tflops,
+        "mfu": tflops / peak if peak else None,
+        "step_time": seconds,
+        "consumed_samples": run.consumed_samples,
+        "skipped": result["nonfinite"],
+        "peak_mem_gb": peak_memory_gb(),
     }
     if result["expert_counts"].numel():
         record["expert_share"], record["expert_imbalance"] = expert_load_summary(result["expert_counts"])
@@ -249,10 +326,16 @@ def _record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
 def _save(run: Run) -> None:
     if not run.cfg.checkpoint.save:
         return
-    state = {"iteration": run.iteration, "consumed_samples": run.consumed_samples,
-             "world_size": run.env.world_size, "zero_stage": run.cfg.distributed.zero_stage,
-             "global_batch_size": run.cfg.train.global_batch_size, "seq_length": run.cfg.data.seq_length,
-             "base_model": run.cfg.model.path, "model_type": run.engine.module.model.config.model_type}
+    state = {
+        "iteration": run.iteration,
+        "consumed_samples": run.consumed_samples,
+        "world_size": run.env.world_size,
+        "zero_stage": run.cfg.distributed.zero_stage,
+        "global_batch_size": run.cfg.train.global_batch_size,
+        "seq_length": run.cfg.data.seq_length,
+        "base_model": run.cfg.model.path,
+        "model_type": run.engine.module.model.config.model_type,
+    }
     path = ckpt_io.save_checkpoint(run.engine, run.cfg, run.iteration, state)
     run.print(f"[moe-recipes] saved checkpoint {path}")
 
@@ -285,8 +368,10 @@ def _loop(run: Run, stop: StopRequest) -> int:
         start = time.perf_counter()
         result = train_step(run, batches, stop)
         if result["nonfinite"] and cfg.train.nan_policy == "stop":
-            run.print(f"[moe-recipes] non-finite loss (lm {result['lm_loss']}) at step {run.iteration + 1}: "
-                      f"stopping without saving (train.nan_policy=stop)")
+            run.print(
+                f"[moe-recipes] non-finite loss (lm {result['lm_loss']}) at step {run.iteration + 1}: "
+                f"stopping without saving (train.nan_policy=stop)"
+            )
             return EXIT_NONFINITE
         run.iteration += 1
         run.consumed_samples += cfg.train.global_batch_size

@@ -95,3 +95,9 @@ def test_describe_keys_lists_interface_keys():
         "distributed.zero_stage",
     ]:
         assert f"\n{key} = " in "\n" + text, key
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_shipped_recipes_validate(path):
+    cfg = load_config(path)
+    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0

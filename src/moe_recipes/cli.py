@@ -188,7 +188,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "(same as checkpoint.load=<checkpoint.save>)",
     )
     p.add_argument("--show-keys", action="store_true", help="list all config keys and exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler=_run_train)
 
 
@@ -261,9 +260,24 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     return adders
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher passes --local_rank=N before the subcommand; the rank comes from the env."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_drop_local_rank(sys.argv[1:] if argv is None else argv))
     # `train CONFIG --resume key=value`: overrides may also follow the flags
     if (
         extra

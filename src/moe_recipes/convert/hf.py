@@ -1,0 +1,185 @@
+"""Checkpoint -> Hugging Face folder (`moe-recipes convert`), in one process, without a GPU.
+
+Two inputs:
+
+* `convert_checkpoint(SAVE or SAVE/iter_NNNNNNN)`: a checkpoint written by the trainer under any ZeRO stage
+  and any number of processes; the config and tokenizer come from its `hf_config/`.
+* `convert_state_dict(FILE_OR_FOLDER, base_model=HF_DIR)`: a consolidated state dict, e.g. what DeepSpeed's
+  `zero_to_fp32.py` (copied into every ZeRO save folder) writes; config and tokenizer come from `HF_DIR`.
+
+Both check, before anything is written, that the weights are exactly the tensors the config's architecture
+expects (names after stripping the trainer's `model.` prefix, and shapes); then write the folder described
+in `hf_folder.py` into a temporary sibling of the output and rename it into place.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_recipes.convert.hf_folder import (
+    ModelLayout,
+    check_output,
+    model_layout,
+    parse_size,
+    publish,
+    resolve_dtype,
+    staging_dir,
+    write_config_files,
+    write_weights,
+)
+from moe_recipes.convert.sources import TensorSource, checkpoint_source, inspect_checkpoint, state_dict_source
+
+# Prefixes a source's keys may carry in front of the HF names: none, the trainer's objective (`model.`),
+# a DDP/DeepSpeed wrapper (`module.`).
+KEY_PREFIXES = ("", "model.", "module.")
+
+
+def _examples(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def match_keys(layout: ModelLayout, source: TensorSource, config_file: Path) -> dict[str, str]:
+    """HF name -> source key for every tensor of `layout`; a ValueError lists what does not fit.
+
+    The prefix that makes most names fit is stripped. Tied aliases (`lm_head.weight` with tied embeddings)
+    may be present in the source and are ignored; anything else missing, extra or of another shape means
+    the config describes another architecture or size than the weights.
+    """
+    keys = source.keys()
+    expected = {spec.name for spec in layout.specs}
+    best: tuple[int, str, dict[str, str]] | None = None
+    for prefix in KEY_PREFIXES:
+        mapped = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
+        hits = len(expected & mapped.keys())
+        if best is None or hits > best[0]:
+            best = (hits, prefix, mapped)
+    assert best is not None
+    _, prefix, mapped = best
+    allowed = expected | set(layout.tied)
+    missing = [spec.name for spec in layout.specs if spec.name not in mapped]
+    unexpected = [k for k in keys if not k.startswith(prefix) or k[len(prefix) :] not in allowed]
+    wrong = [
+        f"{spec.name} {source.shape(mapped[spec.name])} (expected {spec.shape})"
+        for spec in layout.specs
+        if spec.name in mapped and source.shape(mapped[spec.name]) != spec.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors missing ({_examples(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape ({_examples(wrong, 2)})")
+        raise ValueError(
+            f"{source.where}: the weights do not fit {layout.describe()} described by {config_file}: "
+            + "; ".join(parts)
+            + ". Are the config and the weights of the same architecture and size?"
+        )
+    return {spec.name: mapped[spec.name] for spec in layout.specs}
+
+
+def load_hf_config(hf_dir: Path) -> Any:
+    """The AutoConfig of a folder; a missing or unreadable config.json is an error naming it."""
+    from transformers import AutoConfig
+
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist (no Hugging Face config to convert with)")
+    try:
+        return AutoConfig.from_pretrained(str(hf_dir))
+    except (ValueError, KeyError, OSError) as err:
+        raise ValueError(f"cannot read {config_file}: {err}") from None
+
+
+def _convert(
+    open_source: Callable[[], TensorSource],
+    hf_dir: Path,
+    output: Path,
+    dtype: str | torch.dtype | None,
+    overwrite: bool,
+    max_shard_size: str | int,
+    protected: Iterable[Path],
+    progress: bool,
+) -> Path:
+    """Check everything, then write the folder into a temporary sibling and rename it to `output`."""
+    check_output(output, overwrite, protected)
+    max_bytes = parse_size(max_shard_size)
+    out_dtype = resolve_dtype(dtype, hf_dir)
+    config = load_hf_config(hf_dir)
+    layout = model_layout(config, out_dtype)
+    source = open_source()
+    names = match_keys(layout, source, hf_dir / "config.json")
+    tmp = staging_dir(output)
+    try:
+        write_weights(
+            tmp, layout, lambda spec: source.get(names[spec.name]), max_bytes, source.where, progress=progress
+        )
+        write_config_files(hf_dir, tmp, config, out_dtype)
+        publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    progress: bool = False,
+) -> Path:
+    """Convert `SAVE/iter_NNNNNNN` (or `SAVE`, via `latest`) to a Hugging Face folder; returns the folder.
+
+    `output_dir` defaults to `<checkpoint>/hf`. `dtype`: "fp32", "bf16" or None for the dtype named in the
+    base config (then config.json is copied unchanged). Works for every ZeRO stage and world size; an
+    incomplete checkpoint or an existing output (without `overwrite`) raises before anything is written.
+    """
+    info = inspect_checkpoint(checkpoint)
+    output = Path(output_dir) if output_dir else info.path / "hf"
+    return _convert(
+        lambda: checkpoint_source(info),
+        info.hf_dir,
+        output,
+        dtype,
+        overwrite,
+        max_shard_size,
+        [info.path],
+        progress,
+    )
+
+
+def convert_state_dict(
+    state_dict: str | Path,
+    base_model: str | Path,
+    output_dir: str | Path,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    progress: bool = False,
+) -> Path:
+    """Convert a consolidated state dict (file or folder, e.g. zero_to_fp32.py's output) to an HF folder.
+
+    Config, generation config and tokenizer come from `base_model`; a `model.` prefix on the keys (the
+    trainer's module names) is stripped. Returns the output folder.
+    """
+    base = Path(base_model)
+    if not base.is_dir():
+        raise FileNotFoundError(f"base model folder {base} does not exist")
+    return _convert(
+        lambda: state_dict_source(state_dict),
+        base,
+        Path(output_dir),
+        dtype,
+        overwrite,
+        max_shard_size,
+        [Path(state_dict), base],
+        progress,
+    )

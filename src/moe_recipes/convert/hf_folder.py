@@ -1,0 +1,278 @@
+"""Writing a Hugging Face model folder: the weight layout, safetensors shards, config and tokenizer files.
+
+Every way out of training (converting a checkpoint, converting a consolidated state dict, exporting from
+a live engine) ends here, so the folders they write are identical:
+
+* weights: the keys of the HF model's own ``state_dict()`` for the config's architecture (in transformers 5
+  the fused expert tensors ``experts.gate_up_proj``/``experts.down_proj``), persistent buffers included
+  (e.g. DeepSeek-V3's ``e_score_correction_bias``), tied aliases left out (``lm_head.weight`` when the
+  embeddings are tied), in ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``;
+* ``config.json``: the base model's file byte for byte, except that its ``dtype`` field is rewritten when the
+  weights are saved in another dtype (``from_pretrained`` reads it as the default dtype);
+* ``generation_config.json`` (copied, or derived from the config when the base model has none) and the
+  tokenizer files.
+
+A folder is written into a temporary sibling and renamed into place when complete, so a crash never leaves a
+half-written model at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_recipes.train.checkpoint import HF_FILES
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONFIG_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+INDEX_FILE = "model.safetensors.index.json"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: str | int) -> int:
+    """'2GB' -> 2_000_000_000 bytes (decimal units as in transformers; '2GiB' is binary); ints pass through."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE_RE.match(str(size))
+        if not match:
+            raise ValueError(f"max shard size {size!r} should look like 2GB, 500MB or a number of bytes")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if value <= 0:
+        raise ValueError(f"max shard size must be positive, got {size!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the output folder: its HF name, shape and the dtype it is saved in."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class ModelLayout:
+    """What the folder of one architecture holds: tensor specs in model order and the dropped tied aliases."""
+
+    config: Any
+    class_name: str
+    specs: list[TensorSpec]
+    tied: dict[str, str]  # alias left out -> the name it shares its storage with
+
+    def describe(self) -> str:
+        return f"{self.class_name} (model_type {self.config.model_type!r})"
+
+
+def _keeps_fp32(name: str, patterns: Iterable[str]) -> bool:
+    """Whether `name` lies in one of the modules a model keeps in fp32 (transformers' keep_in_fp32 rule)."""
+    for pattern in patterns:
+        if (
+            name == pattern
+            or name.startswith(pattern + ".")
+            or name.endswith("." + pattern)
+            or f".{pattern}." in name
+        ):
+            return True
+    return False
+
+
+def model_layout(config: Any, dtype: torch.dtype) -> ModelLayout:
+    """The tensors `AutoModelForCausalLM.from_pretrained` expects for `config`, saved in `dtype`.
+
+    Built from a model on the meta device (no memory); see `layout_of`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return layout_of(model, dtype)
+
+
+def layout_of(model: Any, dtype: torch.dtype) -> ModelLayout:
+    """The tensors of `model`'s own state dict as they are saved in `dtype`.
+
+    Floating tensors take `dtype`, except those the model class keeps in fp32 when loaded in half precision
+    (`_keep_in_fp32_modules_strict`, e.g. DeepSeek-V3's router weight and correction bias); integer buffers
+    keep their dtype. A name whose tensor is the same object as an earlier one (tied embeddings) is recorded
+    in `tied` and not saved: transformers re-ties it. ZeRO-3 partitioned parameters report their full
+    shape (`ds_shape`).
+    """
+    keep_fp32: set[str] = set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+        if dtype == torch.float16:
+            keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    specs, tied, seen = [], {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied[name] = seen[id(tensor)]
+            continue
+        seen[id(tensor)] = name
+        out = tensor.dtype
+        if tensor.is_floating_point():
+            out = torch.float32 if _keeps_fp32(name, keep_fp32) else dtype
+        specs.append(TensorSpec(name, tuple(getattr(tensor, "ds_shape", tensor.shape)), out))
+    return ModelLayout(model.config, type(model).__name__, specs, tied)
+
+
+def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Group tensors, in order, into shards of at most `max_bytes` (a larger tensor gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        if not shards or (shards[-1] and size + spec.nbytes > max_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def prepare_tensor(tensor: torch.Tensor, spec: TensorSpec, where: str) -> torch.Tensor:
+    """A private CPU copy of `tensor` in the spec's dtype (copies never alias memory-mapped sources)."""
+    if tuple(tensor.shape) != spec.shape:
+        raise ValueError(
+            f"{where}: {spec.name} has shape {tuple(tensor.shape)}, the config expects {spec.shape}"
+        )
+    return tensor.detach().to(device="cpu", dtype=spec.dtype, copy=True).contiguous()
+
+
+def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_index(out_dir: Path, shards: list[list[TensorSpec]]) -> None:
+    """`model.safetensors.index.json` (written even for one shard, so every folder has the same files)."""
+    weight_map = {spec.name: shard_name(i, len(shards)) for i, shard in enumerate(shards) for spec in shard}
+    total = sum(spec.nbytes for shard in shards for spec in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_weights(
+    out_dir: Path,
+    layout: ModelLayout,
+    fetch: Callable[[TensorSpec], torch.Tensor],
+    max_bytes: int,
+    where: str,
+    progress: bool = False,
+) -> None:
+    """Write all shards, materialising one shard at a time: memory stays near one shard's size."""
+    from tqdm import tqdm
+
+    shards = plan_shards(layout.specs, max_bytes)
+    for i, shard in enumerate(tqdm(shards, desc="writing shards", unit="shard", disable=not progress)):
+        tensors = {spec.name: prepare_tensor(fetch(spec), spec, where) for spec in shard}
+        save_shard(out_dir / shard_name(i, len(shards)), tensors)
+        del tensors
+    write_index(out_dir, shards)
+
+
+def write_config_files(src_dir: Path, out_dir: Path, config: Any, dtype: torch.dtype) -> None:
+    """config.json (only its dtype field changed when needed), generation config and tokenizer files."""
+    raw = (src_dir / "config.json").read_text()
+    if config_dtype(src_dir) != dtype:
+        data = json.loads(raw)
+        for key in [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]:
+            data[key] = CONFIG_DTYPE_NAMES[dtype]
+        raw = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    (out_dir / "config.json").write_text(raw)
+    if (src_dir / "generation_config.json").is_file():
+        shutil.copy2(src_dir / "generation_config.json", out_dir / "generation_config.json")
+    else:
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
+    for name in HF_FILES:
+        if name not in ("config.json", "generation_config.json") and (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, out_dir / name)
+
+
+def config_dtype(src_dir: Path) -> torch.dtype:
+    """The dtype named in a config.json (`dtype`, or the older `torch_dtype`); fp32 when absent or unknown."""
+    data = json.loads((src_dir / "config.json").read_text())
+    name = str(data.get("dtype") or data.get("torch_dtype") or "float32").removeprefix("torch.")
+    by_name = {v: k for k, v in CONFIG_DTYPE_NAMES.items()}
+    return by_name.get(name, torch.float32)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, src_dir: Path) -> torch.dtype:
+    """None/'auto' -> the base config's dtype; 'fp32'/'bf16' or a torch dtype as given."""
+    if dtype is None or dtype == "auto":
+        return config_dtype(src_dir)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in CONFIG_DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype} is not one of {sorted(CONFIG_DTYPE_NAMES.values())}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_output(output: Path, overwrite: bool, protected: Iterable[Path] = ()) -> None:
+    """Refuse an output that exists (unless `overwrite`) or that would replace one of the inputs."""
+    out = output.resolve()
+    for path in protected:
+        src = path.resolve()
+        if out == src or out in src.parents:
+            raise ValueError(
+                f"output folder {output} would replace the input {path}; choose another --output"
+            )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {output} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {output} already exists (pass --overwrite to replace it)")
+
+
+def staging_dir(output: Path) -> Path:
+    """A fresh temporary folder beside `output`, so the final rename stays on one file system."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+
+
+def publish(tmp_dir: Path, output: Path) -> None:
+    """Move the finished folder into place; an old folder is removed only after the swap."""
+    old: Path | None = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    tmp_dir.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

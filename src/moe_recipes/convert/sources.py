@@ -1,0 +1,296 @@
+"""Where converted weights come from: our checkpoint folders and consolidated state-dict files.
+
+A checkpoint (see `train/checkpoint.py`) holds DeepSpeed's engine files, whose keys are the trainer's
+module names (`model.<HF key>`, since the engine wraps `CausalLMObjective`). Where the full weights are:
+
+* ZeRO 0-2: `mp_rank_00_model_states.pt` holds the complete module state; the engine keeps fp32
+  parameters, so these are the exact master weights. It is memory-mapped, not read into memory.
+* ZeRO-3: every rank's file holds only its slice of the fp32 master weights. DeepSpeed's
+  `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)` memory-maps the per-rank
+  partitions and returns one lazy tensor per parameter, gathered only when asked for
+  (`.contiguous()`), so conversion holds one output shard at a time, not the whole model.
+
+Consolidated state dicts (the output of DeepSpeed's `zero_to_fp32.py`, or any torch/safetensors state dict,
+sharded with an index or not) are read lazily too: safetensors by key, torch files memory-mapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_recipes.train.checkpoint import resolve_checkpoint
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+RANK_OPTIM_STATES = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"  # a `bf16_` prefix may precede it
+_RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$")
+STATE_DICT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+STATE_DICT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pt")
+
+
+class TensorSource:
+    """Named tensors whose shapes are known up front and whose values are read on demand.
+
+    Values may be tensors or lazy tensors (anything with `.shape` and `.contiguous()`, like DeepSpeed's
+    `GatheredTensor`).
+    """
+
+    def __init__(self, where: str, tensors: dict[str, Any]):
+        self.where = where
+        self._tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        value = self._tensors[key]
+        return value if isinstance(value, torch.Tensor) else value.contiguous()
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint folder and what its run_state.json says about how it was written."""
+
+    path: Path
+    run_state: dict[str, Any]
+    zero_stage: int
+    world_size: int
+
+    @property
+    def hf_dir(self) -> Path:
+        return self.path / "hf_config"
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`SAVE/iter_NNNNNNN` (or any folder with a run_state.json), or `SAVE` via its `latest` file."""
+    p = Path(path)
+    if p.name.endswith(".tmp"):
+        raise ValueError(
+            f"{p} is an unfinished checkpoint (a .tmp folder: its save was interrupted or is "
+            "still running); convert a complete iter_NNNNNNN folder"
+        )
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if not p.is_dir():
+        raise ValueError(
+            f"{p} is a file, not a checkpoint folder (to convert a consolidated state dict, "
+            "pass --base-model)"
+        )
+    if (p / "run_state.json").is_file():
+        return p
+    ckpt = resolve_checkpoint(p)  # raises FileNotFoundError for an iter_ folder without run_state.json
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"{p} is neither a checkpoint (no run_state.json) nor a save folder (no `latest` file)"
+        )
+    return ckpt
+
+
+def _read_run_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "run_state.json"
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); the checkpoint was only partly written"
+        ) from None
+    for key in ("zero_stage", "world_size"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{path}: {key}={value!r} should be a non-negative integer")
+    if state["zero_stage"] > 3 or state["world_size"] < 1:
+        raise ValueError(
+            f"{path}: zero_stage={state['zero_stage']}, world_size={state['world_size']} are out of range"
+        )
+    return state
+
+
+def _expected_files(stage: int, world: int) -> list[str]:
+    """The files every complete checkpoint of this ZeRO stage and world size holds."""
+    names = ["hf_config/config.json"] + [f"rng_state_rank{r}.pt" for r in range(world)]
+    if stage < 3:
+        names.append(MODEL_STATES)
+    else:
+        names += [RANK_MODEL_STATES.format(rank=r) for r in range(world)]
+    if stage > 0:
+        names += [RANK_OPTIM_STATES.format(rank=r) for r in range(world)]
+    return names
+
+
+def _present(ckpt: Path, name: str) -> bool:
+    if "optim_states" in name:  # DeepSpeed prefixes the file with bf16_ when its bf16 optimizer is used
+        return (ckpt / name).is_file() or (ckpt / f"bf16_{name}").is_file()
+    return (ckpt / name).is_file()
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Find the checkpoint and check it is complete: every rank's files, the HF config, a readable run state."""
+    ckpt = find_checkpoint(path)
+    state = _read_run_state(ckpt)
+    stage, world = state["zero_stage"], state["world_size"]
+    missing = [name for name in _expected_files(stage, world) if not _present(ckpt, name)]
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {ckpt} (ZeRO-{stage}, {world} processes) is incomplete: missing "
+            + ", ".join(missing)
+        )
+    ranks = {int(m.group(1)) for p in ckpt.iterdir() if (m := _RANK_FILE_RE.search(p.name))}
+    if ranks and max(ranks) >= world:
+        raise ValueError(
+            f"checkpoint {ckpt} holds files of rank {max(ranks)}, but its run_state.json says "
+            f"world_size={world}: files of two different saves are mixed"
+        )
+    return CheckpointInfo(ckpt, state, stage, world)
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """torch.load, memory-mapped; a damaged or truncated file becomes a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, pickle/zip errors, EOFError ...
+        raise ValueError(
+            f"cannot read {path} ({type(err).__name__}: {err}); the file is damaged or was "
+            "only partly written"
+        ) from None
+
+
+def _zero_fp32_tensors(info: CheckpointInfo) -> dict[str, Any]:
+    """Lazy fp32 master weights rebuilt from every rank's optimizer partition (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        # It prints progress lines and bars meant for its own script.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(
+                str(info.path.parent), tag=info.path.name, lazy_mode=True
+            )
+    except Exception as err:  # noqa: BLE001 - torch.load and DeepSpeed raise many kinds of errors
+        raise ValueError(
+            f"cannot rebuild the fp32 weights of {info.path} from its ZeRO partitions "
+            f"({type(err).__name__}: {err}); a file is damaged or only partly written"
+        ) from None
+
+
+def checkpoint_source(info: CheckpointInfo) -> TensorSource:
+    """The checkpoint's full weights under the trainer's module names (`model.<HF key>`)."""
+    if info.zero_stage == 3:
+        return TensorSource(str(info.path), _zero_fp32_tensors(info))
+    states = _torch_load(info.path / MODEL_STATES, weights_only=False)
+    module = states.get("module") if isinstance(states, dict) else None
+    if not isinstance(module, dict):
+        raise ValueError(
+            f"{info.path / MODEL_STATES} holds no module state (not a DeepSpeed model-states file)"
+        )
+    half = [k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32]
+    if half and info.zero_stage > 0:
+        # A DeepSpeed config that enabled bf16/fp16 keeps the fp32 master weights only in the partitions.
+        return TensorSource(str(info.path), _zero_fp32_tensors(info))
+    return TensorSource(str(info.path / MODEL_STATES), module)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("module", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+class _LazyFile:
+    """One safetensors or torch state-dict file, opened on first use."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle: Any = None
+
+    def handle(self) -> Any:
+        if self._handle is None:
+            if self.path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                try:
+                    self._handle = safe_open(str(self.path), framework="pt")
+                except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                    raise ValueError(
+                        f"cannot read {self.path} ({err}); the file is damaged or only partly written"
+                    ) from None
+            else:
+                self._handle = _unwrap_state_dict(_torch_load(self.path, weights_only=True), self.path)
+        return self._handle
+
+    def keys(self) -> list[str]:
+        return list(self.handle().keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        h = self.handle()
+        return (
+            tuple(h.get_slice(key).get_shape()) if self.path.suffix == ".safetensors" else tuple(h[key].shape)
+        )
+
+    def get(self, key: str) -> torch.Tensor:
+        h = self.handle()
+        return h.get_tensor(key) if self.path.suffix == ".safetensors" else h[key]
+
+
+class FileSource(TensorSource):
+    """A consolidated state dict in one file or in shards listed by an index."""
+
+    def __init__(self, where: str, key_files: dict[str, _LazyFile]):
+        super().__init__(where, {})
+        self._files = key_files
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._files[key].shape(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._files[key].get(key)
+
+
+def _index_source(index: Path) -> FileSource:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index} is not a valid index file ({type(err).__name__}: {err})") from None
+    files = {name: _LazyFile(index.parent / name) for name in sorted(set(weight_map.values()))}
+    missing = [name for name, f in files.items() if not f.path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} lists shards that do not exist: {', '.join(missing)}")
+    return FileSource(str(index.parent), {key: files[name] for key, name in weight_map.items()})
+
+
+def state_dict_source(path: str | Path) -> FileSource:
+    """A state-dict file (.safetensors, .bin, .pt, .pth) or a folder holding one (sharded with an index or not)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"state dict {p} does not exist")
+    if p.is_dir():
+        for name in STATE_DICT_INDEXES:
+            if (p / name).is_file():
+                return _index_source(p / name)
+        for name in STATE_DICT_FILES:
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise FileNotFoundError(
+                f"{p} holds no state dict (looked for {', '.join(STATE_DICT_INDEXES + STATE_DICT_FILES)})"
+            )
+    lazy = _LazyFile(p)
+    return FileSource(str(p), dict.fromkeys(lazy.keys(), lazy))

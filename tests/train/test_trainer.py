@@ -125,8 +125,7 @@ def _nan_at(monkeypatch, call: int) -> None:
         out = original(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == call:
-            out["loss"] = out["loss"] * float("nan")
-            out["lm_loss"] = out["lm_loss"] * float("nan")
+            out["lm_loss_sum"] = out["lm_loss_sum"] * float("nan")
         return out
 
     monkeypatch.setattr(objective_mod.CausalLMObjective, "forward", forward)

@@ -22,10 +22,13 @@ IGNORE_INDEX = -100
 
 
 class CausalLMObjective(nn.Module):
-    """Computes {loss, lm_loss, aux_loss, z_loss, expert_counts, tokens} for one micro-batch.
+    """Computes the loss parts of one micro-batch.
 
-    `loss = lm_loss + aux_coef * aux_loss + z_coef * z_loss`, where lm_loss is the mean token
-    cross-entropy of the micro-batch and aux/z are averaged over MoE layers.
+    Returns `lm_loss_sum` (summed token cross-entropy, differentiable), `tokens` (tokens with a label),
+    `moe_loss` (aux_coef * aux_loss + z_coef * z_loss, differentiable; aux/z averaged over MoE layers),
+    the detached `aux_loss` and `z_loss`, and the per-layer `expert_counts`. The trainer divides
+    `lm_loss_sum` by the token count of the whole global batch, so every token weighs the same however
+    the global batch is split over ranks and micro-batches (and whatever the padding).
     """
 
     def __init__(
@@ -72,22 +75,21 @@ class CausalLMObjective(nn.Module):
             )
             hidden = out.last_hidden_state  # (batch, seq, hidden)
             loss_sum, n_tokens = self._lm_loss(hidden, labels)
-        lm_loss = loss_sum / n_tokens.clamp(min=1)
         captured = self.capture.layers() if self.capture is not None else []
         aux, z = moe_losses(captured, self.info.num_experts, self.info.top_k)
-        loss = lm_loss
+        moe_loss = aux.new_zeros(())
         if captured and self.aux_coef:
-            loss = loss + self.aux_coef * aux
+            moe_loss = moe_loss + self.aux_coef * aux
         if captured and self.z_coef:
-            loss = loss + self.z_coef * z
+            moe_loss = moe_loss + self.z_coef * z
         counts = expert_counts(captured, self.info.num_experts) if captured else torch.zeros(0, 0)
         return {
-            "loss": loss,
-            "lm_loss": lm_loss.detach(),
+            "lm_loss_sum": loss_sum,
+            "tokens": n_tokens.detach(),
+            "moe_loss": moe_loss,
             "aux_loss": aux.detach(),
             "z_loss": z.detach(),
             "expert_counts": counts,
-            "tokens": n_tokens.detach(),
         }
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

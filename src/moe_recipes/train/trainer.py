@@ -36,7 +36,7 @@ from moe_recipes.train.metrics import (
     expert_load_summary,
     peak_memory_gb,
 )
-from moe_recipes.train.objective import CausalLMObjective
+from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective
 from moe_recipes.train.schedule import lr_at
 from moe_recipes.train.signals import StopRequest
 
@@ -208,28 +208,37 @@ def _all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.cpu()
 
 
+def _count_tokens(micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Tokens with a label in the whole global batch (all micro-batches of all ranks)."""
+    local = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    return _all_reduce(torch.tensor([float(local)], dtype=torch.float64), device)[0].item()
+
+
 def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> dict[str, Any]:
     """Forward, loss parts and backward for every micro-batch, then one optimizer step."""
     engine = run.engine
-    # sums over micro-batches (then ranks): lm, aux, z, non-finite count, stop requests
-    sums = torch.zeros(5, dtype=torch.float64)
+    micro_batches = [next(batches) for _ in range(run.grad_accum)]
+    global_tokens = max(_count_tokens(micro_batches, run.device), 1.0)
+    # DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
+    # ranks; this factor turns that into a sum over every token of the global batch / its token count.
+    lm_scale = run.grad_accum * run.env.world_size / global_tokens
+    sums = torch.zeros(5, dtype=torch.float64)  # lm loss sum, aux, z, non-finite count, stop requests
     counts = torch.zeros(0)
-    for micro in range(run.grad_accum):
+    for micro, batch in enumerate(micro_batches):
         if micro > 0:
             engine.step()  # DeepSpeed counts micro-steps here; it updates only at the accumulation boundary
-        out = engine(**next(batches))
-        engine.backward(out["loss"])
-        finite = bool(torch.isfinite(out["loss"].detach()).item())
-        sums += torch.tensor(
-            [
-                out["lm_loss"].item(),
-                out["aux_loss"].item(),
-                out["z_loss"].item(),
-                0.0 if finite else 1.0,
-                0.0,
-            ],
-            dtype=torch.float64,
-        )
+        out = engine(**batch)
+        loss = out["lm_loss_sum"] * lm_scale + out["moe_loss"]
+        engine.backward(loss)
+        finite = bool(torch.isfinite(loss.detach()).item())
+        parts = [
+            out["lm_loss_sum"].item(),
+            out["aux_loss"].item(),
+            out["z_loss"].item(),
+            float(not finite),
+            0.0,
+        ]
+        sums += torch.tensor(parts, dtype=torch.float64)
         counts = out["expert_counts"].double() if counts.numel() == 0 else counts + out["expert_counts"]
     sums[4] = 1.0 if stop.requested else 0.0
     sums = _all_reduce(sums, run.device)
@@ -247,7 +256,7 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
     n = run.grad_accum * run.env.world_size
     grad_norm = local_norm if local_norm is not None else engine.get_global_grad_norm()
     return {
-        "lm_loss": sums[0].item() / n,
+        "lm_loss": sums[0].item() / global_tokens,
         "aux_loss": sums[1].item() / n,
         "z_loss": sums[2].item() / n,
         "nonfinite": nonfinite,
@@ -255,6 +264,7 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
         "lr": lr,
         "expert_counts": counts,
         "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens": global_tokens,
     }
 
 
@@ -285,9 +295,7 @@ def evaluate(run: Run) -> float | None:
         for indices in sampler:
             batch = run.collate([run.valid_ds[i] for i in indices])
             out = run.engine(**{k: v.to(run.device) for k, v in batch.items()})
-            totals += torch.tensor(
-                [out["lm_loss"].item() * out["tokens"].item(), out["tokens"].item()], dtype=torch.float64
-            )
+            totals += torch.tensor([out["lm_loss_sum"].item(), out["tokens"].item()], dtype=torch.float64)
     run.engine.train()
     totals = _all_reduce(totals, run.device)
     return totals[0].item() / max(totals[1].item(), 1.0)

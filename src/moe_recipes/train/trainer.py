@@ -11,7 +11,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from moe_recipes.config import Config
-from moe_recipes.data.batching import PretrainCollator
-from moe_recipes.data.pretrain import build_pretrain_datasets
+from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
 from moe_recipes.distributed.env import DistEnv, device_for, init_distributed
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
@@ -55,7 +54,7 @@ class Run:
     info: MoEInfo
     grad_accum: int
     flops_per_token: float
-    collate: PretrainCollator
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     train_ds: Any
     valid_ds: Any
     writer: MetricsWriter
@@ -114,7 +113,7 @@ def setup(cfg: Config) -> Run:
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
     engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
-    train_ds, valid_ds = _datasets(cfg)
+    data = build_training_data(cfg)
     writer = MetricsWriter(
         cfg.log.dir, env.rank == 0, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict()
     )
@@ -127,9 +126,9 @@ def setup(cfg: Config) -> Run:
         info=info,
         grad_accum=grad_accum,
         flops_per_token=fpt,
-        collate=PretrainCollator(cfg.data.reset_position_ids, cfg.data.reset_attention_mask),
-        train_ds=train_ds,
-        valid_ds=valid_ds,
+        collate=data.collate,
+        train_ds=data.train,
+        valid_ds=data.valid,
         writer=writer,
         keep_alive=keep_alive,
     )
@@ -143,23 +142,6 @@ def setup(cfg: Config) -> Run:
         )
     _maybe_resume(run)
     return run
-
-
-def _datasets(cfg: Config) -> tuple[Any, Any]:
-    t = cfg.train
-    n_train = t.iters * t.global_batch_size
-    n_valid = cfg.eval.iters * t.global_batch_size
-    train_ds, valid_ds, _ = build_pretrain_datasets(
-        cfg.data.path,
-        cfg.data.split,
-        cfg.data.seq_length,
-        (n_train, n_valid, 0),
-        seed=t.seed,
-        cache_dir=cfg.data.cache_dir,
-    )
-    if train_ds is None:
-        raise ValueError(f"data.split={cfg.data.split!r} leaves no training documents in {cfg.data.path}")
-    return train_ds, valid_ds
 
 
 def _maybe_resume(run: Run) -> None:

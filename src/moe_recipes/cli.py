@@ -257,6 +257,13 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
         adders.append(infer_commands)
     except ImportError:
         pass
+    from moe_recipes.data.inspect_cmd import add_commands as data_commands
+
+    adders.append(data_commands)
+    from moe_recipes.models.upcycle import add_commands as upcycle_commands
+    from moe_recipes.train.plot import add_commands as plot_commands
+
+    adders += [upcycle_commands, plot_commands]
     return adders
 
 

@@ -42,9 +42,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = _f("pretrain", "pretrain (indexed .bin/.idx datasets)")
-    path: Any = _f("", "one dataset prefix, or a Megatron-style blend [w1, prefix1, w2, prefix2, ...]")
-    split: str = _f("969,30,1", "train,valid,test proportions of the documents of every prefix")
+    format: str = _f("pretrain", "pretrain (indexed .bin/.idx datasets) or chat (JSONL conversations)")
+    path: Any = _f(
+        "",
+        "one dataset prefix, or a Megatron-style blend [w1, prefix1, w2, prefix2, ...]; "
+        "chat: a JSONL file, a list of files, or [w1, file1, w2, file2, ...]",
+    )
+    split: str = _f(
+        "969,30,1", "train,valid,test proportions of the documents (chat: conversations) of every prefix"
+    )
     seq_length: int = _f(2048, "tokens per sample")
     cache_dir: str | None = _f(
         None, "where sample indices are cached (default: a cache/ folder beside the data)"
@@ -52,9 +58,15 @@ class DataConfig:
     reset_position_ids: bool = _f(False, "restart position ids at every document boundary inside a sample")
     reset_attention_mask: bool = _f(False, "keep attention inside each document (needs reset_position_ids)")
     num_workers: int = _f(1, "DataLoader worker processes per rank (0: load in the training process)")
+    packing: bool = _f(
+        False, "chat: pack several conversations per sequence (position ids reset, attention kept inside)"
+    )
+    skip_bad_lines: bool = _f(False, "chat: skip and count invalid JSONL lines instead of stopping")
 
     def validate(self) -> None:
-        _choice("data.format", self.format, ("pretrain",))
+        _choice("data.format", self.format, ("pretrain", "chat"))
+        if self.format != "chat" and (self.packing or self.skip_bad_lines):
+            raise ValueError("data.packing and data.skip_bad_lines apply to data.format=chat only")
         if self.path in ("", None, []):
             raise ValueError("data.path must name a dataset prefix or a weighted list of prefixes")
         _positive("data.seq_length", self.seq_length)
@@ -71,6 +83,9 @@ class TrainConfig:
         8, "samples per optimizer step over all ranks (= micro x accumulation x ranks)"
     )
     iters: int = _f(1000, "optimizer steps to train in total")
+    epochs: float | None = _f(
+        None, "chat: train this many epochs (fractions allowed) instead of train.iters, which it sets"
+    )
     seed: int = _f(1234, "seed for initial RNG state and data shuffling")
     precision: str = _f("bf16", "bf16 (autocast, fp32 master weights and gradients) or fp32")
     activation_checkpointing: bool = _f(False, "recompute decoder layers in backward to save memory")
@@ -86,6 +101,8 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("micro_batch_size", "global_batch_size", "iters"):
             _positive(f"train.{key}", getattr(self, key))
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
         _choice("train.precision", self.precision, ("bf16", "fp32"))
         _choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
         if self.exit_interval is not None:
@@ -128,6 +145,30 @@ class MoEConfig:
         "router_aux_loss_coef, else 0.01; 0 turns it off)",
     )
     z_loss_coef: float = _f(0.0, "router z-loss coefficient (ST-MoE; 1e-3 is typical)")
+    global_aux_loss_coef: float = _f(
+        0.0, "global-batch load-balancing loss coefficient (expert load over all micro-batches and ranks)"
+    )
+    seq_aux_loss_coef: float = _f(0.0, "per-sequence balance loss coefficient (DeepSeek-V2/V3)")
+    bias_update_rate: float = _f(
+        0.0, "aux-loss-free balancing: e_score_correction_bias update per step (DeepSeek-V3: 0.001)"
+    )
+    freeze: Any = _f(
+        [],
+        "freeze parameters by kind: router, experts, shared_experts, attention, embeddings, lm_head, "
+        "layers:I-J (decoder layers I..J)",
+    )
+    freeze_patterns: Any = _f([], "freeze parameters whose name matches one of these regular expressions")
+
+    def validate(self) -> None:
+        for key in ("aux_loss_coef", "z_loss_coef", "global_aux_loss_coef", "seq_aux_loss_coef"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ValueError(f"moe.{key} must be >= 0, got {value}")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"moe.bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        from moe_recipes.models.freeze import check_freeze_spec
+
+        check_freeze_spec(self.freeze, self.freeze_patterns)
 
 
 @dataclass

@@ -77,9 +77,21 @@ def run_demo(workdir: str | Path = "demo_out", iters: int | None = None) -> int:
     print(
         f"checkpoints: {work / 'checkpoints'} (latest: {(work / 'checkpoints' / 'latest').read_text().strip()})"
     )
-    if importlib.util.find_spec("moe_recipes.convert.hf") is None:
-        return 0
-    return _convert_and_generate(work)
+    rc = 0 if importlib.util.find_spec("moe_recipes.convert.hf") is None else _convert_and_generate(work)
+    _print_plots(work / "run")
+    return rc
+
+
+def _print_plots(run_dir: Path) -> None:
+    """Write the run's figures (`moe-recipes plot RUN_DIR`) and print their paths."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"plots: install matplotlib, then run `moe-recipes plot {run_dir}`", flush=True)
+        return
+    from moe_recipes.train.plot import plot_run
+
+    print(f"== plots (moe-recipes plot {run_dir}) ==", flush=True)
+    for path in plot_run(run_dir):
+        print(f"plot: {path}", flush=True)
 
 
 def _report_valid_losses(metrics: Path) -> None:

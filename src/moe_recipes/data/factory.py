@@ -23,6 +23,12 @@ class TrainingData:
 def build_training_data(cfg: Config) -> TrainingData:
     """Datasets with at least train.iters x global_batch_size training samples and eval.iters global
     batches of validation samples."""
+    if cfg.data.format == "chat":
+        from moe_recipes.data.packing import build_chat_data
+
+        return build_chat_data(cfg)  # sets cfg.train.iters when train.epochs is given
+    if cfg.train.epochs is not None:
+        raise ValueError("train.epochs needs data.format=chat (pre-training counts train.iters)")
     t = cfg.train
     n_train = t.iters * t.global_batch_size
     n_valid = cfg.eval.iters * t.global_batch_size

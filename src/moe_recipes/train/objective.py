@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_recipes.models.balancing import BalanceCoefs, GlobalLoad, balancing_losses
 from moe_recipes.models.fused_loss import fused_linear_cross_entropy
 from moe_recipes.models.inspect import MoEInfo, RouterCapture
-from moe_recipes.models.losses import chunked_causal_lm_loss, expert_counts, lm_head_spec, moe_losses
+from moe_recipes.models.losses import chunked_causal_lm_loss, expert_counts, lm_head_spec
 
 IGNORE_INDEX = -100
 
@@ -25,8 +26,9 @@ class CausalLMObjective(nn.Module):
     """Computes the loss parts of one micro-batch.
 
     Returns `lm_loss_sum` (summed token cross-entropy, differentiable), `tokens` (tokens with a label),
-    `moe_loss` (aux_coef * aux_loss + z_coef * z_loss, differentiable; aux/z averaged over MoE layers),
-    the detached `aux_loss` and `z_loss`, and the per-layer `expert_counts`. The trainer divides
+    `moe_loss` (the coefficient-weighted router losses of `models.balancing.balancing_losses`,
+    differentiable; averaged over MoE layers), the detached `aux_loss`, `global_aux_loss`, `seq_aux_loss`
+    and `z_loss`, and the per-layer `expert_counts`. The trainer divides
     `lm_loss_sum` by the token count of the whole global batch, so every token weighs the same however
     the global batch is split over ranks and micro-batches (and whatever the padding).
     """
@@ -41,12 +43,17 @@ class CausalLMObjective(nn.Module):
         chunk_size: int,
         bf16: bool,
         fused_head: bool = True,
+        global_coef: float = 0.0,
+        seq_coef: float = 0.0,
     ):
         super().__init__()
         self.model = model
         self.info = info
         self.aux_coef = aux_coef
         self.z_coef = z_coef
+        self.coefs = BalanceCoefs(aux_coef, global_coef, seq_coef, z_coef)
+        # Set by the trainer before each step's differentiable forwards when coefs.global_batch > 0.
+        self.global_load: GlobalLoad | None = None
         self.chunk_size = chunk_size
         head = model.get_output_embeddings()
         # The fused head reads the weight directly; ZeRO-3 only materialises it inside the module's own call.
@@ -66,7 +73,9 @@ class CausalLMObjective(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        route_only: bool = False,
     ) -> dict[str, torch.Tensor]:
+        """The loss parts; with `route_only` just the per-layer expert counts (decoder forward, no head)."""
         if self.capture is not None:
             self.capture.clear()
         with self._autocast(input_ids.device):
@@ -74,21 +83,17 @@ class CausalLMObjective(nn.Module):
                 input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
             )
             hidden = out.last_hidden_state  # (batch, seq, hidden)
-            loss_sum, n_tokens = self._lm_loss(hidden, labels)
+            if not route_only:
+                loss_sum, n_tokens = self._lm_loss(hidden, labels)
         captured = self.capture.layers() if self.capture is not None else []
-        aux, z = moe_losses(captured, self.info.num_experts, self.info.top_k)
-        moe_loss = aux.new_zeros(())
-        if captured and self.aux_coef:
-            moe_loss = moe_loss + self.aux_coef * aux
-        if captured and self.z_coef:
-            moe_loss = moe_loss + self.z_coef * z
         counts = expert_counts(captured, self.info.num_experts) if captured else torch.zeros(0, 0)
+        if route_only:
+            return {"expert_counts": counts}
+        parts = balancing_losses(captured, self.info, self.coefs, input_ids.shape[0], self.global_load)
         return {
             "lm_loss_sum": loss_sum,
             "tokens": n_tokens.detach(),
-            "moe_loss": moe_loss,
-            "aux_loss": aux.detach(),
-            "z_loss": z.detach(),
+            **{k: v.to(loss_sum.device) for k, v in parts.items()},
             "expert_counts": counts,
         }
 

@@ -24,6 +24,8 @@ from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
 from moe_recipes.distributed.env import DistEnv, device_for, init_distributed
+from moe_recipes.models.balancing import check_bias_update, measure_global_load, update_routing_bias
+from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
 from moe_recipes.models.loading import load_model
 from moe_recipes.train import checkpoint as ckpt_io
@@ -99,6 +101,8 @@ def setup(cfg: Config) -> Run:
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     info = inspect_model(model)
+    check_bias_update(info, cfg.moe.bias_update_rate)
+    params = freeze_parameters(model, info, cfg.moe.freeze, cfg.moe.freeze_patterns)
     aux_coef = cfg.moe.aux_loss_coef
     if aux_coef is None:
         aux_coef = float(getattr(model.config, "router_aux_loss_coef", None) or 0.01)
@@ -110,6 +114,8 @@ def setup(cfg: Config) -> Run:
         chunk_size=cfg.train.loss_chunk_size,
         bf16=cfg.train.precision == "bf16",
         fused_head=cfg.distributed.zero_stage != 3,
+        global_coef=cfg.moe.global_aux_loss_coef,
+        seq_coef=cfg.moe.seq_aux_loss_coef,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
     engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
@@ -138,7 +144,8 @@ def setup(cfg: Config) -> Run:
             f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), ZeRO-{cfg.distributed.zero_stage}, "
             f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
             f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
-            f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}"
+            f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}; "
+            f"trainable parameters {params.trainable:,} of {params.total:,}"
         )
     _maybe_resume(run)
     return run
@@ -204,7 +211,16 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
     # DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
     # ranks; this factor turns that into a sum over every token of the global batch / its token count.
     lm_scale = run.grad_accum * run.env.world_size / global_tokens
-    sums = torch.zeros(5, dtype=torch.float64)  # lm loss sum, aux, z, non-finite count, stop requests
+    if engine.module.coefs.global_batch:  # route the step's micro-batches first: exact global expert load
+        engine.module.global_load = measure_global_load(
+            lambda b: engine(**b, route_only=True)["expert_counts"],
+            micro_batches,
+            run.info.top_k,
+            run.grad_accum * run.env.world_size,
+            lambda t: _all_reduce(t, run.device),
+        )
+    # lm loss sum, aux, z, non-finite count, stop requests, global-batch aux (summed), sequence aux
+    sums = torch.zeros(7, dtype=torch.float64)
     counts = torch.zeros(0)
     for micro, batch in enumerate(micro_batches):
         if micro > 0:
@@ -219,6 +235,8 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
             out["z_loss"].item(),
             float(not finite),
             0.0,
+            out["global_aux_loss"].item(),
+            out["seq_aux_loss"].item(),
         ]
         sums += torch.tensor(parts, dtype=torch.float64)
         counts = out["expert_counts"].double() if counts.numel() == 0 else counts + out["expert_counts"]
@@ -235,12 +253,16 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
     local_norm = _grad_norm(engine) if run.cfg.distributed.zero_stage == 0 else None
     if not nonfinite or run.cfg.train.nan_policy == "skip":
         engine.step()
+    if run.cfg.moe.bias_update_rate and not nonfinite:  # every rank: same all-reduced counts, same update
+        update_routing_bias(run.info, counts, run.cfg.moe.bias_update_rate)
     n = run.grad_accum * run.env.world_size
     grad_norm = local_norm if local_norm is not None else engine.get_global_grad_norm()
     return {
         "lm_loss": sums[0].item() / global_tokens,
         "aux_loss": sums[1].item() / n,
         "z_loss": sums[2].item() / n,
+        "global_aux_loss": sums[5].item(),
+        "seq_aux_loss": sums[6].item() / n,
         "nonfinite": nonfinite,
         "stop": sums[4].item() > 0,
         "lr": lr,
@@ -291,13 +313,15 @@ def _record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
     use_aux = bool(run.info.routers)
     loss = result["lm_loss"]
     if use_aux:
-        loss += run.engine.module.aux_coef * result["aux_loss"] + run.engine.module.z_coef * result["z_loss"]
+        loss += run.engine.module.coefs.total(result)
     record: dict[str, Any] = {
         "step": run.iteration,
         "loss": loss,
         "lm_loss": result["lm_loss"],
         "aux_loss": result["aux_loss"] if use_aux else None,
         "z_loss": result["z_loss"] if use_aux else None,
+        "global_aux_loss": result["global_aux_loss"] if run.engine.module.coefs.global_batch else None,
+        "seq_aux_loss": result["seq_aux_loss"] if run.engine.module.coefs.sequence else None,
         "lr": result["lr"],
         "grad_norm": result["grad_norm"],
         "tokens_per_s": tokens / seconds,

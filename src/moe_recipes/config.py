@@ -208,18 +208,40 @@ class CheckpointConfig:
 
 @dataclass
 class DistributedConfig:
-    engine: str = _f("deepspeed", "sharding engine: deepspeed")
+    engine: str = _f("deepspeed", "sharding engine: deepspeed or fsdp2 (PyTorch fully_shard)")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3")
     offload_optimizer: bool = _f(False, "ZeRO: keep optimizer states (and step) on the CPU")
     offload_params: bool = _f(False, "ZeRO-3: keep parameters on the CPU")
     deepspeed_config: str | None = _f(
         None, "a DeepSpeed JSON whose keys override the ones built from this config"
     )
+    fsdp_shard_size: int | None = _f(
+        None, "FSDP2 hybrid sharding: shard inside groups of N ranks, replicate across groups (None: all)"
+    )
+    fsdp_reshard_after_forward: bool = _f(
+        True, "FSDP2: free gathered decoder-layer weights after forward (False: keep them for backward)"
+    )
+    fsdp_cpu_offload: bool = _f(False, "FSDP2: keep parameters, gradients and optimizer states on the CPU")
     backend: str | None = _f(None, "torch.distributed backend (default: nccl with CUDA, else gloo)")
     timeout_minutes: float = _f(30.0, "collective timeout")
 
     def validate(self) -> None:
-        _choice("distributed.engine", self.engine, ("deepspeed",))
+        _choice("distributed.engine", self.engine, ("deepspeed", "fsdp2"))
+        if self.fsdp_shard_size is not None and self.fsdp_shard_size < 1:
+            raise ValueError(f"distributed.fsdp_shard_size must be >= 1, got {self.fsdp_shard_size}")
+        fsdp_keys = {
+            "fsdp_shard_size": self.fsdp_shard_size is not None,
+            "fsdp_reshard_after_forward": not self.fsdp_reshard_after_forward,
+            "fsdp_cpu_offload": self.fsdp_cpu_offload,
+        }
+        ds_keys = {
+            "offload_optimizer": self.offload_optimizer,
+            "offload_params": self.offload_params,
+            "deepspeed_config": bool(self.deepspeed_config),
+        }
+        wrong = [k for k, v in (ds_keys if self.engine == "fsdp2" else fsdp_keys).items() if v]
+        if wrong:
+            raise ValueError(f"distributed.{wrong[0]} does not apply to distributed.engine={self.engine}")
         _choice("distributed.zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("distributed.offload_params needs distributed.zero_stage=3")

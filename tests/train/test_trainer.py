@@ -18,6 +18,8 @@ from moe_recipes.train.trainer import EXIT_NONFINITE, train
 
 from .utils import make_config, metrics, step_records, write_config
 
+ENGINES = ["deepspeed", "fsdp2"]
+
 REQUIRED_KEYS = {
     "step",
     "loss",
@@ -72,7 +74,8 @@ def test_run_logs_metrics_and_keeps_last_checkpoints(tmp_path, tiny_mixtral, tin
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 
-def test_gradient_accumulation_matches_larger_micro_batch(tmp_path, tiny_mixtral, tiny_dataset):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gradient_accumulation_matches_larger_micro_batch(tmp_path, tiny_mixtral, tiny_dataset, engine):
     """4 x micro batch 1 == 1 x micro batch 4 (aux loss off: it is a per-micro-batch statistic)."""
     runs = {}
     for mbs in (4, 1):
@@ -86,6 +89,7 @@ def test_gradient_accumulation_matches_larger_micro_batch(tmp_path, tiny_mixtral
             "moe.aux_loss_coef=0",
             "moe.z_loss_coef=0",
             "eval.iters=0",
+            f"distributed.engine={engine}",
         )
         assert train(cfg) == 0
         runs[mbs] = [r["lm_loss"] for r in step_records(d / "run").values()]
@@ -93,17 +97,29 @@ def test_gradient_accumulation_matches_larger_micro_batch(tmp_path, tiny_mixtral
     assert runs[4][0] != pytest.approx(runs[4][-1], rel=1e-3)  # it did train
 
 
-def test_resumed_run_matches_uninterrupted(tmp_path, tiny_mixtral, tiny_dataset):
-    full = make_config(tmp_path / "full", tiny_mixtral, tiny_dataset)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resumed_run_matches_uninterrupted(tmp_path, tiny_mixtral, tiny_dataset, engine):
+    eng = f"distributed.engine={engine}"
+    full = make_config(tmp_path / "full", tiny_mixtral, tiny_dataset, eng)
     assert train(full) == 0
     ckpt = tmp_path / "split" / "ckpt"
     first = make_config(
-        tmp_path / "split", tiny_mixtral, tiny_dataset, f"checkpoint.save={ckpt}", "train.exit_interval=3"
+        tmp_path / "split",
+        tiny_mixtral,
+        tiny_dataset,
+        eng,
+        f"checkpoint.save={ckpt}",
+        "train.exit_interval=3",
     )
     assert train(first) == 0
     assert (ckpt / "latest").read_text().strip() == "iter_0000003"
     second = make_config(
-        tmp_path / "split", tiny_mixtral, tiny_dataset, f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}"
+        tmp_path / "split",
+        tiny_mixtral,
+        tiny_dataset,
+        eng,
+        f"checkpoint.save={ckpt}",
+        f"checkpoint.load={ckpt}",
     )
     assert train(second) == 0
     a, b = step_records(tmp_path / "full" / "run"), step_records(tmp_path / "split" / "run")
@@ -201,19 +217,23 @@ def test_document_masking_changes_attention(tmp_path, tiny_mixtral, tiny_dataset
     assert out["plain"] != out["pos"] and out["pos"] != out["mask"]
 
 
-def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, tiny_mixtral, tiny_dataset):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, tiny_mixtral, tiny_dataset, engine):
     ckpt = tmp_path / "ckpt"
     config = write_config(
         tmp_path,
         tiny_mixtral,
         tiny_dataset,
+        f"distributed.engine={engine}",
         f"checkpoint.save={ckpt}",
         "train.iters=400",
         "eval.interval=0",
         "log.interval=1",
     )
     cmd = [sys.executable, "-m", "moe_recipes.cli", "train", str(config)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Not the job variables an in-process run of an earlier test exported (its MASTER_PORT is still in use).
+    job_vars = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {**{k: v for k, v in os.environ.items() if k not in job_vars}, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     deadline = time.time() + 240

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_recipes.convert.hf import load_hf_config
 from moe_recipes.convert.hf_folder import (
@@ -54,9 +55,12 @@ def hf_model_of(engine: Any) -> nn.Module:
 def _full_tensor(tensor: torch.Tensor, spec: TensorSpec, keep: bool, where: str) -> torch.Tensor | None:
     """The whole tensor as a CPU copy in the output dtype on the writing rank (None elsewhere).
 
-    A ZeRO-3 partitioned parameter (it has `ds_id`) is gathered from all ranks, so every rank must call
+    A ZeRO-3 partitioned parameter (it has `ds_id`) or an FSDP2 DTensor shard is gathered from all ranks,
+    so every rank must call
     this in the same order.
     """
+    if isinstance(tensor, DTensor):  # FSDP2 shard: gathered from all ranks
+        tensor = tensor.full_tensor()
     if hasattr(tensor, "ds_id"):
         import deepspeed
 

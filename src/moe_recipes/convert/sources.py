@@ -10,6 +10,10 @@ module names (`model.<HF key>`, since the engine wraps `CausalLMObjective`). Whe
   partitions and returns one lazy tensor per parameter, gathered only when asked for
   (`.contiguous()`), so conversion holds one output shard at a time, not the whole model.
 
+* FSDP2 (`distributed.engine=fsdp2`): a `torch.distributed.checkpoint` folder (`.metadata` + one
+  `.distcp` file per rank) of fp32 shards; `dcp_checkpoint_source` reads the tensor shapes from the metadata
+  and loads one full tensor at a time (DCP assembles it from every rank's shards) when it is asked for.
+
 Consolidated state dicts (the output of DeepSpeed's `zero_to_fp32.py`, or any torch/safetensors state dict,
 sharded with an index or not) are read lazily too: safetensors by key, torch files memory-mapped.
 """
@@ -20,6 +24,7 @@ import contextlib
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +71,7 @@ class CheckpointInfo:
     run_state: dict[str, Any]
     zero_stage: int
     world_size: int
+    engine: str = "deepspeed"
 
     @property
     def hf_dir(self) -> Path:
@@ -105,6 +111,11 @@ def _read_run_state(ckpt: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not valid JSON ({err}); the checkpoint was only partly written"
         ) from None
+    engine = state.setdefault("engine", "deepspeed")
+    if engine not in ("deepspeed", "fsdp2"):
+        raise ValueError(f"{path}: engine={engine!r} is not one of deepspeed, fsdp2")
+    if engine == "fsdp2":
+        state["zero_stage"] = 0  # not a DeepSpeed checkpoint: no ZeRO stage; the files are checked by engine
     for key in ("zero_stage", "world_size"):
         value = state.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -128,6 +139,12 @@ def _expected_files(stage: int, world: int) -> list[str]:
     return names
 
 
+def _expected_fsdp_files(world: int) -> list[str]:
+    """The files of a complete FSDP2 checkpoint: DCP's metadata and one data file per rank."""
+    names = ["hf_config/config.json", ".metadata"] + [f"rng_state_rank{r}.pt" for r in range(world)]
+    return names + [f"__{r}_0.distcp" for r in range(world)]
+
+
 def _present(ckpt: Path, name: str) -> bool:
     if "optim_states" in name:  # DeepSpeed prefixes the file with bf16_ when its bf16 optimizer is used
         return (ckpt / name).is_file() or (ckpt / f"bf16_{name}").is_file()
@@ -139,10 +156,13 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     ckpt = find_checkpoint(path)
     state = _read_run_state(ckpt)
     stage, world = state["zero_stage"], state["world_size"]
-    missing = [name for name in _expected_files(stage, world) if not _present(ckpt, name)]
+    fsdp = state["engine"] == "fsdp2"
+    expected = _expected_fsdp_files(world) if fsdp else _expected_files(stage, world)
+    missing = [name for name in expected if not _present(ckpt, name)]
     if missing:
+        kind = "FSDP2" if fsdp else f"ZeRO-{stage}"
         raise FileNotFoundError(
-            f"checkpoint {ckpt} (ZeRO-{stage}, {world} processes) is incomplete: missing "
+            f"checkpoint {ckpt} ({kind}, {world} processes) is incomplete: missing "
             + ", ".join(missing)
         )
     ranks = {int(m.group(1)) for p in ckpt.iterdir() if (m := _RANK_FILE_RE.search(p.name))}
@@ -151,7 +171,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             f"checkpoint {ckpt} holds files of rank {max(ranks)}, but its run_state.json says "
             f"world_size={world}: files of two different saves are mixed"
         )
-    return CheckpointInfo(ckpt, state, stage, world)
+    return CheckpointInfo(ckpt, state, stage, world, state["engine"])
 
 
 def _torch_load(path: Path, weights_only: bool) -> Any:
@@ -184,6 +204,8 @@ def _zero_fp32_tensors(info: CheckpointInfo) -> dict[str, Any]:
 
 def checkpoint_source(info: CheckpointInfo) -> TensorSource:
     """The checkpoint's full weights under the trainer's module names (`model.<HF key>`)."""
+    if info.engine == "fsdp2":
+        return dcp_checkpoint_source(info.path)
     if info.zero_stage == 3:
         return TensorSource(str(info.path), _zero_fp32_tensors(info))
     states = _torch_load(info.path / MODEL_STATES, weights_only=False)
@@ -294,3 +316,44 @@ def state_dict_source(path: str | Path) -> FileSource:
             )
     lazy = _LazyFile(p)
     return FileSource(str(p), dict.fromkeys(lazy.keys(), lazy))
+
+
+class _DCPTensor:
+    """One tensor of a DCP checkpoint: its shape from the metadata, its values loaded on `.contiguous()`."""
+
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype):
+        self.path, self.key, self.shape, self.dtype = path, key, torch.Size(shape), dtype
+
+    def contiguous(self) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        out = torch.empty(self.shape, dtype=self.dtype)
+        try:
+            # A partial load in this process only: DCP assembles the tensor from every rank's shards.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({self.key: out}, checkpoint_id=str(self.path), no_dist=True)
+        except Exception as err:  # noqa: BLE001 - DCP wraps reader errors in CheckpointException
+            raise ValueError(
+                f"cannot read {self.key} from {self.path} ({type(err).__name__}: {err}); a .distcp file is "
+                "damaged or only partly written"
+            ) from None
+        return out
+
+
+def dcp_checkpoint_source(path: Path, prefix: str = "model.") -> TensorSource:
+    """The model tensors of an FSDP2 checkpoint (keys under `prefix`, which is stripped), read lazily."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # noqa: BLE001 - pickle and file errors
+        raise ValueError(f"cannot read {path / '.metadata'} ({type(err).__name__}: {err})") from None
+    tensors: dict[str, Any] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata):
+            tensors[key[len(prefix) :]] = _DCPTensor(path, key, tuple(meta.size), meta.properties.dtype)
+    if not tensors:
+        raise ValueError(f"{path / '.metadata'} lists no model tensors (no keys starting with {prefix!r})")
+    return TensorSource(str(path), tensors)

@@ -1,7 +1,9 @@
 """Checkpoints that never lose work.
 
 Layout of `SAVE/iter_NNNNNNN/`:
-    engine files           model, optimizer (every rank's ZeRO partition), written by DeepSpeed
+    engine files           model, optimizer (every rank's ZeRO partition), written by DeepSpeed; or with
+                           distributed.engine=fsdp2 a torch.distributed.checkpoint (`.metadata`,
+                           `__R_0.distcp` per rank) that any number of processes can load
     run_state.json         iteration, consumed samples, world size, ZeRO stage, schedule, base model
     rng_state_rank{R}.pt   Python, NumPy, torch (and CUDA) RNG states of every rank
     config.yaml            the resolved run config
@@ -160,7 +162,16 @@ def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
     """Restore engine state and this rank's RNG state; returns run_state."""
     run_state = json.loads((ckpt / "run_state.json").read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if run_state.get("world_size") != world and run_state.get("zero_stage", 0) > 0:
+    written_by = run_state.get("engine", "deepspeed")
+    engine_name = getattr(engine, "engine_name", "deepspeed")
+    if written_by != engine_name:
+        raise ValueError(
+            f"{ckpt} was written by the {written_by} engine; it cannot be resumed with "
+            f"distributed.engine={engine_name} (convert it to a Hugging Face folder and start from that)"
+        )
+    # DCP (fsdp2) reshards to any number of processes; DeepSpeed's ZeRO partitions need the same number.
+    resharded = run_state.get("world_size") != world
+    if written_by == "deepspeed" and resharded and run_state.get("zero_stage", 0) > 0:
         raise ValueError(
             f"{ckpt} was written by {run_state.get('world_size')} processes with ZeRO stage "
             f"{run_state.get('zero_stage')}; resuming it needs the same number of processes (got {world})"

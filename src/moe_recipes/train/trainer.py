@@ -30,6 +30,7 @@ from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
 from moe_recipes.models.loading import load_model
 from moe_recipes.train import checkpoint as ckpt_io
 from moe_recipes.train.engine import deepspeed_config, gradient_accumulation_steps, initialize, set_lr
+from moe_recipes.train.fsdp_engine import initialize_fsdp
 from moe_recipes.train.metrics import (
     MetricsWriter,
     console_line,
@@ -84,9 +85,10 @@ def setup(cfg: Config) -> Run:
     device = device_for(env)
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
-    ds_config = deepspeed_config(cfg, env.world_size)
+    use_ds = cfg.distributed.engine == "deepspeed"
+    ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
     keep_alive: list[Any] = []
-    if cfg.distributed.zero_stage == 3:
+    if use_ds and cfg.distributed.zero_stage == 3:
         # Lets from_pretrained partition the weights while loading instead of materialising them on every rank.
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -113,12 +115,15 @@ def setup(cfg: Config) -> Run:
         z_coef=cfg.moe.z_loss_coef,
         chunk_size=cfg.train.loss_chunk_size,
         bf16=cfg.train.precision == "bf16",
-        fused_head=cfg.distributed.zero_stage != 3,
+        fused_head=use_ds and cfg.distributed.zero_stage != 3,  # sharded heads: chunked path
         global_coef=cfg.moe.global_aux_loss_coef,
         seq_coef=cfg.moe.seq_aux_loss_coef,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
-    engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
+    if use_ds:
+        engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
+    else:
+        engine, optimizer = initialize_fsdp(objective, cfg, info.decoder_layer_classes, grad_accum, device)
     data = build_training_data(cfg)
     writer = MetricsWriter(
         cfg.log.dir, env.rank == 0, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict()
@@ -141,7 +146,8 @@ def setup(cfg: Config) -> Run:
     if run.is_main:
         cfg.save(writer.dir / "config.yaml")
         run.print(
-            f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), ZeRO-{cfg.distributed.zero_stage}, "
+            f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), "
+            f"{f'ZeRO-{cfg.distributed.zero_stage}' if use_ds else 'FSDP2'}, "
             f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
             f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
             f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}; "
@@ -250,7 +256,8 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
     if nonfinite and run.cfg.train.nan_policy == "skip":
         run.optimizer.skip_next_step = True
     # ZeRO optimizers report the (pre-clipping) global norm; at stage 0 the full gradients are local
-    local_norm = _grad_norm(engine) if run.cfg.distributed.zero_stage == 0 else None
+    stage0 = run.cfg.distributed.engine == "deepspeed" and run.cfg.distributed.zero_stage == 0
+    local_norm = _grad_norm(engine) if stage0 else None
     if not nonfinite or run.cfg.train.nan_policy == "skip":
         engine.step()
     if run.cfg.moe.bias_update_rate and not nonfinite:  # every rank: same all-reduced counts, same update
@@ -344,7 +351,8 @@ def _save(run: Run) -> None:
         "iteration": run.iteration,
         "consumed_samples": run.consumed_samples,
         "world_size": run.env.world_size,
-        "zero_stage": run.cfg.distributed.zero_stage,
+        "engine": run.cfg.distributed.engine,
+        "zero_stage": run.cfg.distributed.zero_stage if run.cfg.distributed.engine == "deepspeed" else None,
         "global_batch_size": run.cfg.train.global_batch_size,
         "seq_length": run.cfg.data.seq_length,
         "base_model": run.cfg.model.path,

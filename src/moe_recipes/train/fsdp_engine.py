@@ -1,0 +1,182 @@
+"""PyTorch FSDP2 as the sharding engine, behind the same small surface the trainer uses from DeepSpeed.
+
+`fully_shard` is applied per decoder layer, then to the root (the trainer's `CausalLMObjective`), on a 1D
+device mesh (full sharding) or a 2D (replicate, shard) mesh (hybrid sharding: shard inside groups of
+`distributed.fsdp_shard_size` ranks, replicate across groups). Parameters stay fp32 (the master weights);
+with `train.precision=bf16` FSDP2 gathers them in bf16 for compute and reduces gradients in fp32.
+
+Gradient semantics are DeepSpeed's: `backward(loss)` back-propagates `loss / accumulation steps`, and
+FSDP2 averages gradients over the data-parallel ranks; `step()` is called after every micro-batch and
+updates (clip, optimizer step, zero grad) only at the accumulation boundary. Gradients are reduced only on
+the boundary's backward (`set_requires_gradient_sync`); earlier micro-batches accumulate locally.
+
+Checkpoints are written with `torch.distributed.checkpoint` (DCP): every rank writes its shards of the
+model and optimizer state into one folder with a `.metadata` file, and a load with any number of
+processes reshards them. Model keys are `model.<objective key>`, i.e. `model.model.<HF key>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from moe_recipes.config import Config
+from moe_recipes.train.engine import SkippableAdamW, param_groups
+
+ENGINE_NAME = "fsdp2"
+
+
+def build_mesh(device_type: str, world_size: int, shard_size: int | None) -> DeviceMesh:
+    """1D mesh over all ranks, or a 2D ("replicate", "shard") mesh for hybrid sharding."""
+    if not shard_size or shard_size == world_size:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    if world_size % shard_size:
+        raise ValueError(
+            f"distributed.fsdp_shard_size={shard_size} does not divide the {world_size} processes"
+        )
+    return init_device_mesh(
+        device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def shard_model(
+    objective: nn.Module, cfg: Config, decoder_layer_classes: set[type], mesh: DeviceMesh
+) -> None:
+    """`fully_shard` every decoder layer, then the root, with the configured precision and offload."""
+    d = cfg.distributed
+    bf16 = cfg.train.precision == "bf16"
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
+    offload: OffloadPolicy = (
+        CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if d.fsdp_cpu_offload else OffloadPolicy()
+    )
+    kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp, "offload_policy": offload}
+    layers = [m for m in objective.modules() if type(m) in decoder_layer_classes]
+    if not layers:
+        names = sorted(c.__name__ for c in decoder_layer_classes)
+        raise ValueError(f"distributed.engine=fsdp2: found no decoder layers (looked for {names})")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=d.fsdp_reshard_after_forward, **kwargs)
+    fully_shard(objective, reshard_after_forward=False, **kwargs)  # the root is needed again at once
+
+
+class FSDPEngine:
+    """The FSDP2-sharded objective with its optimizer, driven like a DeepSpeed engine by the trainer."""
+
+    engine_name = ENGINE_NAME
+
+    def __init__(self, module: nn.Module, optimizer: SkippableAdamW, grad_accum: int, grad_clip: float):
+        self.module = module
+        self.optimizer = optimizer
+        self.grad_accum = grad_accum
+        self.grad_clip = grad_clip
+        self.micro_steps = 0  # micro-batches finished (step() calls) since the start of this process
+        self._grad_norm: float | None = None
+
+    def __call__(self, **batch: Any) -> dict[str, torch.Tensor]:
+        return self.module(**batch)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    @property
+    def at_boundary(self) -> bool:
+        """True while the current micro-batch is the last of its optimizer step."""
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate `loss / accumulation steps`; reduce gradients only on the boundary micro-batch."""
+        self.module.set_requires_gradient_sync(self.at_boundary)
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        """End a micro-batch; at the accumulation boundary clip, update and zero the gradients."""
+        boundary = self.at_boundary
+        self.micro_steps += 1
+        if not boundary:
+            return
+        self._grad_norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip(self) -> float:
+        """The global (pre-clipping) gradient norm over all ranks; clips to `grad_clip` when > 0."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    def _state_dicts(self) -> dict[str, Any]:
+        opts = StateDictOptions()
+        return {
+            "model": get_model_state_dict(self.module, options=opts),
+            "optim": get_optimizer_state_dict(self.module, self.optimizer, options=opts),
+        }
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
+        """Every rank writes its shards to `save_dir/tag` (collective). `save_latest` is the trainer's job."""
+        dcp.save(self._state_dicts(), checkpoint_id=str(Path(save_dir) / tag))
+
+    def load_checkpoint(
+        self,
+        load_dir: str,
+        tag: str,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = False,
+    ) -> tuple[str, dict[str, Any]]:
+        """Read `load_dir/tag` into this process's shards, whatever the world size that wrote it.
+
+        DeepSpeed's signature; there is no LR scheduler state (the trainer computes the LR from the step).
+        """
+        path = Path(load_dir) / tag
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{path} holds no torch.distributed.checkpoint (.metadata missing)")
+        state = self._state_dicts()
+        if not load_optimizer_states:
+            state.pop("optim")
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(self.module, state["model"])
+        if "optim" in state:
+            set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
+        return str(path), {}
+
+
+def initialize_fsdp(
+    module: nn.Module, cfg: Config, decoder_layer_classes: set[type], grad_accum: int, device: torch.device
+) -> tuple[FSDPEngine, SkippableAdamW]:
+    """Shard `module` with FSDP2 and build its SkippableAdamW; returns (engine, optimizer)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mesh = build_mesh(device.type, world, cfg.distributed.fsdp_shard_size)
+    shard_model(module, cfg, decoder_layer_classes, mesh)
+    o = cfg.optim
+    # Built after sharding, so the optimizer holds (and keeps its state for) the DTensor shards.
+    optimizer = SkippableAdamW(
+        param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
+    return FSDPEngine(module, optimizer, grad_accum, cfg.train.grad_clip), optimizer

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import torch
 
+from moe_recipes.fileio import publish, staging_dir  # noqa: F401 - re-exported for convert
 from moe_recipes.train.checkpoint import HF_FILES
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -259,20 +258,3 @@ def check_output(output: Path, overwrite: bool, protected: Iterable[Path] = ()) 
         raise ValueError(f"output {output} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output folder {output} already exists (pass --overwrite to replace it)")
-
-
-def staging_dir(output: Path) -> Path:
-    """A fresh temporary folder beside `output`, so the final rename stays on one file system."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-
-
-def publish(tmp_dir: Path, output: Path) -> None:
-    """Move the finished folder into place; an old folder is removed only after the swap."""
-    old: Path | None = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-    tmp_dir.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

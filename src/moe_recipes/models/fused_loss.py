@@ -23,6 +23,22 @@ def _matmul_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
+def _chunk_loss(
+    h: Tensor, w: Tensor, target: Tensor, acc: torch.dtype, logit_scale: float, softcap: float | None
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """One chunk: logits z (C, V) in `acc` precision, tanh(z/cap) when soft-capped, logsumexp (C,) and
+    the per-token cross-entropy (C,)."""
+    z = F.linear(h, w).to(acc)
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    tanh = None
+    if softcap:
+        tanh = torch.tanh(z / softcap)
+        z = tanh * softcap
+    lse = torch.logsumexp(z, dim=-1)
+    return z, tanh, lse, lse - z.gather(1, target[:, None]).squeeze(1)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -48,16 +64,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:end].to(mm_dtype)  # (C, H)
             valid = valid_all[start:end]
             target = labels[start:end].masked_fill(~valid, 0)  # (C,)
-            z = F.linear(h, w).to(acc)  # (C, V) logits in at least fp32
-            if logit_scale != 1.0:
-                z.mul_(logit_scale)
-            tanh = None
-            if softcap:
-                tanh = torch.tanh(z / softcap)
-                z = tanh * softcap
-            lse = torch.logsumexp(z, dim=-1)  # (C,)
-            picked = z.gather(1, target[:, None]).squeeze(1)
-            loss_sum += ((lse - picked) * valid).sum()
+            z, tanh, lse, token_loss = _chunk_loss(h, w, target, acc, logit_scale, softcap)
+            loss_sum += (token_loss * valid).sum()
             # d loss / d z = softmax(z) - onehot(target), zero for ignored tokens; computed in place in z
             grad_z = z.sub_(lse[:, None]).exp_()
             grad_z[torch.arange(end - start, device=z.device), target] -= 1.0
@@ -125,11 +133,9 @@ def _loss_only(
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
     valid_all = labels != ignore_index
     for start in range(0, hidden.shape[0], chunk_size):
-        z = F.linear(hidden[start : start + chunk_size].to(mm_dtype), w).to(acc) * logit_scale
-        if softcap:
-            z = torch.tanh(z / softcap) * softcap
         valid = valid_all[start : start + chunk_size]
         target = labels[start : start + chunk_size].masked_fill(~valid, 0)
-        picked = z.gather(1, target[:, None]).squeeze(1)
-        loss_sum += ((torch.logsumexp(z, dim=-1) - picked) * valid).sum()
+        h = hidden[start : start + chunk_size].to(mm_dtype)
+        token_loss = _chunk_loss(h, w, target, acc, logit_scale, softcap)[3]
+        loss_sum += (token_loss * valid).sum()
     return loss_sum, valid_all.sum()

@@ -12,9 +12,7 @@ Each family needs its config written in its own field names (``num_local_experts
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from moe_recipes.fileio import publish, staging_dir
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -251,25 +251,13 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise ValueError(f"init-model: output_dir {output_dir} exists and is not empty (pass overwrite=True)")
 
 
-def _publish(tmp_dir: Path, output_dir: Path) -> None:
-    """Move the finished temp folder into place; the old folder is removed only after the swap."""
-    old: Path | None = None
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(old)
-    tmp_dir.rename(output_dir)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
     """Save model + tokenizer into a temporary sibling of ``out``, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp_dir = staging_dir(out)
     try:
         model.save_pretrained(str(tmp_dir))
         tokenizer.save_pretrained(str(tmp_dir))
-        _publish(tmp_dir, out)
+        publish(tmp_dir, out)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

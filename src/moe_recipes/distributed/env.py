@@ -461,6 +461,10 @@ def init_distributed(
     timeout = timedelta(minutes=timeout_minutes)
     if dist.is_initialized():
         pass  # someone else (e.g. deepspeed.initialize) made the group already; adopt it
+    else:
+        _forget_deepspeed_groups()
+    if dist.is_initialized():
+        pass
     elif use_deepspeed:
         try:
             import deepspeed
@@ -496,6 +500,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals; after a group is destroyed (by anyone) they
+    point at a dead group, and the next engine in this process would fail on them."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
+
+
 def destroy_distributed() -> None:
     """Tear down the process group (and DeepSpeed's handle on it) and restore the exported variables."""
     if dist.is_initialized():
@@ -507,6 +520,7 @@ def destroy_distributed() -> None:
         else:
             os.environ[name] = value
     _SAVED_VARS.clear()
+    _forget_deepspeed_groups()
     ds_comm = sys.modules.get("deepspeed.comm.comm")
     if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
         # DeepSpeed caches its backend object; left in place it would point at the destroyed group.

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from moe_recipes.config import Config
-from moe_recipes.train.engine import SkippableAdamW, param_groups
+from moe_recipes.train.engine import SkippableAdamW, build_optimizer
 
 ENGINE_NAME = "fsdp2"
 
@@ -174,9 +174,6 @@ def initialize_fsdp(
     world = dist.get_world_size() if dist.is_initialized() else 1
     mesh = build_mesh(device.type, world, cfg.distributed.fsdp_shard_size)
     shard_model(module, cfg, decoder_layer_classes, mesh)
-    o = cfg.optim
     # Built after sharding, so the optimizer holds (and keeps its state for) the DTensor shards.
-    optimizer = SkippableAdamW(
-        param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
-    )
+    optimizer = build_optimizer(module, cfg.optim)
     return FSDPEngine(module, optimizer, grad_accum, cfg.train.grad_clip), optimizer

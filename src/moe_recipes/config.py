@@ -90,7 +90,10 @@ class TrainConfig:
     precision: str = _f("bf16", "bf16 (autocast, fp32 master weights and gradients) or fp32")
     activation_checkpointing: bool = _f(False, "recompute decoder layers in backward to save memory")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0: off)")
-    loss_chunk_size: int = _f(1024, "tokens per chunk of the fused LM-head cross-entropy (0: full logits)")
+    loss_chunk_size: int | None = _f(
+        None, "tokens per chunk of the fused LM-head cross-entropy (default: as many as make ~256 MiB of fp32 "
+        "logits, e.g. 512 for a 129k vocabulary, 2048 for 32k; 0: full logits at once)"
+    )
     nan_policy: str = _f("stop", "on a NaN/inf loss: stop (save nothing, exit non-zero) or skip the step")
     exit_interval: int | None = _f(
         None,
@@ -107,7 +110,7 @@ class TrainConfig:
         _choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
         if self.exit_interval is not None:
             _positive("train.exit_interval", self.exit_interval)
-        if self.grad_clip < 0 or self.loss_chunk_size < 0:
+        if self.grad_clip < 0 or (self.loss_chunk_size or 0) < 0:
             raise ValueError("train.grad_clip and train.loss_chunk_size must be >= 0")
 
 

@@ -20,6 +20,16 @@ from moe_recipes.models.inspect import MoEInfo, RouterCapture
 from moe_recipes.models.losses import chunked_causal_lm_loss, expert_counts, lm_head_spec
 
 IGNORE_INDEX = -100
+CHUNK_LOGIT_BYTES = 256 * 2**20
+
+
+def loss_chunk_tokens(configured: int | None, vocab_size: int) -> int:
+    """Tokens per LM-head chunk: the configured number, or enough for ~256 MiB of fp32 logits (a multiple
+    of 64). Smaller chunks keep the logits of a large vocabulary out of the peak memory at no speed cost
+    on the matmuls, which stay (chunk x hidden) @ (hidden x vocab)."""
+    if configured is not None:
+        return configured
+    return max(64, CHUNK_LOGIT_BYTES // (4 * vocab_size) // 64 * 64)
 
 
 class CausalLMObjective(nn.Module):

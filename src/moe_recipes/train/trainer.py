@@ -38,7 +38,7 @@ from moe_recipes.train.metrics import (
     expert_load_summary,
     peak_memory_gb,
 )
-from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective
+from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective, loss_chunk_tokens
 from moe_recipes.train.schedule import lr_at
 from moe_recipes.train.signals import StopRequest
 
@@ -113,7 +113,7 @@ def setup(cfg: Config) -> Run:
         info,
         aux_coef=aux_coef,
         z_coef=cfg.moe.z_loss_coef,
-        chunk_size=cfg.train.loss_chunk_size,
+        chunk_size=loss_chunk_tokens(cfg.train.loss_chunk_size, model.config.get_text_config().vocab_size),
         bf16=cfg.train.precision == "bf16",
         fused_head=use_ds and cfg.distributed.zero_stage != 3,  # sharded heads: chunked path
         global_coef=cfg.moe.global_aux_loss_coef,

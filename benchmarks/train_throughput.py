@@ -20,7 +20,7 @@ that both train the same model on the same data (HF's is ~0.001 higher: its load
 not divided by top_k, so it is ~2x ours and adds ~0.001 more at router_aux_loss_coef=0.001).
 
     .venv/bin/python benchmarks/train_throughput.py [--workdir DIR] [--steps 12] [--warmup 3]
-        [--precisions fp32 bf16] [--procs 1 2]
+        [--precisions fp32 bf16] [--procs 1 2] [--engines deepspeed fsdp2]
 """
 
 from __future__ import annotations
@@ -223,7 +223,14 @@ def run_job(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float)
     return usage.ru_maxrss / 2**20  # KiB on Linux
 
 
-def ours_overrides(setup: Setup, processes: int, precision: str, run_dir: Path) -> list[str]:
+def ours_overrides(
+    setup: Setup, processes: int, precision: str, run_dir: Path, engine: str = "deepspeed"
+) -> list[str]:
+    engine_keys = (
+        [f"distributed.zero_stage={0 if processes == 1 else 2}"]
+        if engine == "deepspeed"
+        else ["distributed.engine=fsdp2"]
+    )
     return [
         f"model.path={setup.model_dir}",
         f"data.path={setup.data_path}",
@@ -252,16 +259,16 @@ def ours_overrides(setup: Setup, processes: int, precision: str, run_dir: Path) 
         f"log.dir={run_dir}",
         "log.tensorboard=false",
         "log.progress_bar=false",
-        f"distributed.zero_stage={0 if processes == 1 else 2}",
+        *engine_keys,
     ]
 
 
-def run_ours(setup: Setup, processes: int, precision: str) -> Result:
+def run_ours(setup: Setup, processes: int, precision: str, engine: str = "deepspeed") -> Result:
     """`moe-recipes train` with a generated YAML; step times and losses from its metrics.jsonl."""
     from moe_recipes.config import load_config
 
-    run_dir = setup.workdir / "runs" / f"ours_{processes}p_{precision}"
-    cfg = load_config(None, ours_overrides(setup, processes, precision, run_dir / "log"))
+    run_dir = setup.workdir / "runs" / f"ours_{engine}_{processes}p_{precision}"
+    cfg = load_config(None, ours_overrides(setup, processes, precision, run_dir / "log", engine))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "log" / "metrics.jsonl").unlink(missing_ok=True)
     config_path = run_dir / "config.yaml"
@@ -275,10 +282,12 @@ def run_ours(setup: Setup, processes: int, precision: str) -> Result:
     records = [json.loads(line) for line in (run_dir / "log" / "metrics.jsonl").read_text().splitlines()]
     steps = sorted((r for r in records if "step_time" in r), key=lambda r: r["step"])
     times = [r["step_time"] for r in steps]
-    note = f"ZeRO-{cfg.distributed.zero_stage}; rank 0 reports {max(r['peak_mem_gb'] for r in steps):.2f} GB"
+    sharding = f"ZeRO-{cfg.distributed.zero_stage}" if engine == "deepspeed" else "FSDP2"
+    note = f"{sharding}; rank 0 reports {max(r['peak_mem_gb'] for r in steps):.2f} GB"
     first_loss = steps[0]["loss"] if steps else None
     tokens = setup.batch * setup.seq
-    return Result("moe-recipes", processes, precision, times, tokens, setup.warmup, peak, first_loss, note)
+    name = "moe-recipes" if engine == "deepspeed" else "moe-recipes/fsdp2"
+    return Result(name, processes, precision, times, tokens, setup.warmup, peak, first_loss, note)
 
 
 def hf_deepspeed_json(run_dir: Path) -> Path:
@@ -397,29 +406,30 @@ def run_hf_multi(setup: Setup, processes: int, precision: str) -> Result:
 def format_table(results: list[Result]) -> str:
     """The results table followed by one ratio line per configuration."""
     head = (
-        f"| {'contender':<11} | procs | precision | tokens/s (median) | tokens/s (best) | peak GB/rank "
+        f"| {'contender':<17} | procs | precision | tokens/s (median) | tokens/s (best) | peak GB/rank "
         "| loss step 1 | notes"
     )
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:])]
     for r in results:
         loss = f"{r.first_loss:.4f}" if r.first_loss is not None else "-"
         lines.append(
-            f"| {r.contender:<11} | {r.processes:>5} | {r.precision:<9} | {r.tokens_per_s:>17.0f} | "
+            f"| {r.contender:<17} | {r.processes:>5} | {r.precision:<9} | {r.tokens_per_s:>17.0f} | "
             f"{r.best_tokens_per_s:>15.0f} | {r.peak_gb:>12.2f} | {loss:>11} | {r.note}"
         )
     lines.append("")
     for key in dict.fromkeys((r.processes, r.precision) for r in results):
         pair = {r.contender: r for r in results if (r.processes, r.precision) == key}
-        if len(pair) != 2:
-            continue
-        ours, hf = pair["moe-recipes"], pair["HF Trainer"]
-        speed, memory = ours.tokens_per_s / hf.tokens_per_s, ours.peak_gb / hf.peak_gb
-        best = ours.best_tokens_per_s / hf.best_tokens_per_s
-        met = "MET" if speed >= SPEED_GOAL and memory <= MEMORY_GOAL else "NOT met"
-        lines.append(
-            f"{key[0]} process(es), {key[1]}: ours/HF tokens/s {speed:.2f}x (best steps {best:.2f}x; goal >= "
-            f"{SPEED_GOAL}x), peak memory {memory:.2f}x (goal <= {MEMORY_GOAL}x): goal {met}"
-        )
+        hf = pair.get("HF Trainer")
+        for name, ours in pair.items():
+            if hf is None or not name.startswith("moe-recipes"):
+                continue
+            speed, memory = ours.tokens_per_s / hf.tokens_per_s, ours.peak_gb / hf.peak_gb
+            best = ours.best_tokens_per_s / hf.best_tokens_per_s
+            met = "MET" if speed >= SPEED_GOAL and memory <= MEMORY_GOAL else "NOT met"
+            lines.append(
+                f"{key[0]} process(es), {key[1]}, {name}: ours/HF tokens/s {speed:.2f}x (best steps {best:.2f}x; "
+                f"goal >= {SPEED_GOAL}x), peak memory {memory:.2f}x (goal <= {MEMORY_GOAL}x): goal {met}"
+            )
     return "\n".join(lines)
 
 
@@ -432,6 +442,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the median (default: 3)")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--procs", nargs="+", type=int, choices=[1, 2], default=[1, 2])
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        choices=["deepspeed", "fsdp2"],
+        default=["deepspeed", "fsdp2"],
+        help="our sharding engines to measure, each against the same HF Trainer run",
+    )
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="global batch (samples per optimizer step)")
     p.add_argument("--hidden", type=int, default=256)
@@ -471,21 +488,26 @@ def main(argv: list[str] | None = None) -> int:
     for i, (processes, precision) in enumerate(configurations):
         print(f"== {processes} process(es), {precision}", flush=True)
         # Alternate who goes first, so a drift in the machine's load does not always favour one side.
-        for contender in ("moe-recipes", "HF Trainer")[:: 1 if i % 2 == 0 else -1]:
-            if contender == "moe-recipes":
-                result = run_ours(setup, processes, precision)
+        contenders = [*args.engines, "HF Trainer"]
+        for contender in contenders[:: 1 if i % 2 == 0 else -1]:
+            if contender in ("deepspeed", "fsdp2"):
+                result = run_ours(setup, processes, precision, contender)
             elif processes > 1:
                 result = run_hf_multi(setup, processes, precision)
             else:
                 result = run_hf(setup, processes, precision, deepspeed=False)
             print(
-                f"  {contender}: {result.tokens_per_s:.0f} tokens/s, peak {result.peak_gb:.2f} GB/rank, "
+                f"  {result.contender}: {result.tokens_per_s:.0f} tokens/s, peak {result.peak_gb:.2f} GB/rank, "
                 f"step times {[round(t, 2) for t in result.step_times]}",
                 flush=True,
             )
             results.append(result)
     results.sort(
-        key=lambda r: (configurations.index((r.processes, r.precision)), r.contender != "moe-recipes")
+        key=lambda r: (
+            configurations.index((r.processes, r.precision)),
+            r.contender == "HF Trainer",
+            r.contender,
+        )
     )
     records = [
         {**asdict(r), "tokens_per_s": r.tokens_per_s, "best_tokens_per_s": r.best_tokens_per_s}

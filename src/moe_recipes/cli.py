@@ -243,28 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands that live next to their implementation (convert, generate, eval, ...)."""
-    adders = []
-    try:
-        from moe_recipes.convert.cli import add_commands as convert_commands
-
-        adders.append(convert_commands)
-    except ImportError:
-        pass
-    try:
-        from moe_recipes.infer.cli import add_commands as infer_commands
-
-        adders.append(infer_commands)
-    except ImportError:
-        pass
+    """Subcommands that live next to their implementation (convert, generate, eval, inspect, ...)."""
+    from moe_recipes.convert.cli import add_commands as convert_commands
     from moe_recipes.data.inspect_cmd import add_commands as data_commands
-
-    adders.append(data_commands)
+    from moe_recipes.infer.cli import add_commands as infer_commands
     from moe_recipes.models.upcycle import add_commands as upcycle_commands
     from moe_recipes.train.plot import add_commands as plot_commands
 
-    adders += [upcycle_commands, plot_commands]
-    return adders
+    return [convert_commands, infer_commands, data_commands, upcycle_commands, plot_commands]
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:

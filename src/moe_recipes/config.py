@@ -94,6 +94,12 @@ class TrainConfig:
         None, "tokens per chunk of the fused LM-head cross-entropy (default: as many as make ~256 MiB of fp32 "
         "logits, e.g. 512 for a 129k vocabulary, 2048 for 32k; 0: full logits at once)"
     )
+    loss_kernel: str = _f(
+        "auto",
+        "softmax gradient of the fused LM-head loss: compiled (torch.compile, one fused pass; compiles once "
+        "per process, needs a C++ compiler on CPU, falls back to eager if compiling fails), eager, or auto "
+        "(compiled when a chunk holds >= 32M logits, where it repays the compile time)",
+    )
     nan_policy: str = _f("stop", "on a NaN/inf loss: stop (save nothing, exit non-zero) or skip the step")
     exit_interval: int | None = _f(
         None,
@@ -108,6 +114,7 @@ class TrainConfig:
             raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
         _choice("train.precision", self.precision, ("bf16", "fp32"))
         _choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
+        _choice("train.loss_kernel", self.loss_kernel, ("auto", "compiled", "eager"))
         if self.exit_interval is not None:
             _positive("train.exit_interval", self.exit_interval)
         if self.grad_clip < 0 or (self.loss_chunk_size or 0) < 0:

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_recipes.models import fused_loss
 from moe_recipes.models.fused_loss import fused_linear_cross_entropy
 
 
@@ -59,3 +60,69 @@ def test_bf16_autocast_close_to_fp32():
     assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
     ref, _ = reference(hidden.detach(), weight.detach(), labels)
     assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+def _run(kernel, hidden, weight, labels, chunk, autocast=False):
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, count = fused_linear_cross_entropy(hidden, weight, labels, chunk, kernel=kernel)
+    (loss * 0.37).backward()
+    return loss.detach(), count, hidden.grad, weight.grad
+
+
+def test_compiled_kernel_matches_reference_with_ignored_tokens_and_a_short_last_chunk():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 17, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 17), generator=g)
+    labels[0, :5] = -100
+    labels[2, -1] = -100
+    loss, count, gh, gw = _run("compiled", hidden, weight, labels, chunk=7)  # chunks of 7 rows, then 2
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref, ref_count = reference(h, w, labels)
+    (ref * 0.37).backward()
+    assert count.item() == ref_count.item() == 45
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(gh, h.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_kernel_in_bf16_matches_the_eager_kernel():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(96, 32, generator=g)
+    weight = torch.randn(1000, 32, generator=g) * 0.1
+    labels = torch.randint(0, 1000, (96,), generator=g)
+    labels[:10] = -100
+    compiled = _run("compiled", hidden, weight, labels, chunk=32, autocast=True)
+    eager = _run("eager", hidden, weight, labels, chunk=32, autocast=True)
+    assert compiled[0].item() == pytest.approx(eager[0].item(), rel=1e-5)
+    # both round the same fp32 softmax gradient to bf16 before the matmuls
+    torch.testing.assert_close(compiled[2], eager[2], rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(compiled[3], eager[3], rtol=2e-2, atol=1e-4)
+    assert compiled[3].dtype == torch.float32
+
+
+def test_compiled_kernel_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(fused_loss, "_COMPILED", fused_loss._CompiledKernel())
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(20, 8, generator=g), torch.randn(30, 8, generator=g)
+    labels = torch.randint(0, 30, (20,), generator=g)
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler\); using the eager kernel"):
+        loss, count, gh, gw = _run("compiled", hidden, weight, labels, chunk=8)
+    eager = _run("eager", hidden, weight, labels, chunk=8)
+    assert fused_loss._COMPILED.failed
+    assert loss.item() == eager[0].item() and torch.equal(gh, eager[2]) and torch.equal(gw, eager[3])
+
+
+def test_auto_kernel_compiles_only_large_chunks():
+    assert fused_loss.use_compiled_kernel("auto", 512, 129280)
+    assert not fused_loss.use_compiled_kernel("auto", 128, 32000)
+    assert fused_loss.use_compiled_kernel("compiled", 1, 10)
+    assert not fused_loss.use_compiled_kernel("eager", 4096, 129280)
+    with pytest.raises(ValueError, match="loss kernel must be one of"):
+        fused_loss.use_compiled_kernel("fast", 1, 1)

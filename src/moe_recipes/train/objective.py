@@ -55,6 +55,7 @@ class CausalLMObjective(nn.Module):
         fused_head: bool = True,
         global_coef: float = 0.0,
         seq_coef: float = 0.0,
+        loss_kernel: str = "auto",
     ):
         super().__init__()
         self.model = model
@@ -69,6 +70,7 @@ class CausalLMObjective(nn.Module):
         # The fused head reads the weight directly; ZeRO-3 only materialises it inside the module's own call.
         self.fused_head = fused_head and chunk_size > 0 and getattr(head, "bias", None) is None
         self.bf16 = bf16
+        self.loss_kernel = loss_kernel  # softmax-gradient code of the fused head (models.fused_loss.KERNELS)
         self.head_spec = lm_head_spec(model)
         self.capture = RouterCapture(model, info) if info.routers else None
 
@@ -116,6 +118,7 @@ class CausalLMObjective(nn.Module):
                 labels,
                 chunk_size=self.chunk_size,
                 ignore_index=IGNORE_INDEX,
+                kernel=self.loss_kernel,
                 **self.head_spec,
             )
         if self.chunk_size > 0:

@@ -118,6 +118,7 @@ def setup(cfg: Config) -> Run:
         fused_head=use_ds and cfg.distributed.zero_stage != 3,  # sharded heads: chunked path
         global_coef=cfg.moe.global_aux_loss_coef,
         seq_coef=cfg.moe.seq_aux_loss_coef,
+        loss_kernel=cfg.train.loss_kernel,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
     if use_ds:

@@ -91,8 +91,9 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute decoder layers in backward to save memory")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0: off)")
     loss_chunk_size: int | None = _f(
-        None, "tokens per chunk of the fused LM-head cross-entropy (default: as many as make ~256 MiB of fp32 "
-        "logits, e.g. 512 for a 129k vocabulary, 2048 for 32k; 0: full logits at once)"
+        None,
+        "tokens per chunk of the fused LM-head cross-entropy (default: as many as make ~256 MiB of fp32 "
+        "logits, e.g. 512 for a 129k vocabulary, 2048 for 32k; 0: full logits at once)",
     )
     loss_kernel: str = _f(
         "auto",

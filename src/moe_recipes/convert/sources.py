@@ -162,8 +162,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     if missing:
         kind = "FSDP2" if fsdp else f"ZeRO-{stage}"
         raise FileNotFoundError(
-            f"checkpoint {ckpt} ({kind}, {world} processes) is incomplete: missing "
-            + ", ".join(missing)
+            f"checkpoint {ckpt} ({kind}, {world} processes) is incomplete: missing " + ", ".join(missing)
         )
     ranks = {int(m.group(1)) for p in ckpt.iterdir() if (m := _RANK_FILE_RE.search(p.name))}
     if ranks and max(ranks) >= world:

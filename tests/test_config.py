@@ -101,3 +101,18 @@ def test_describe_keys_lists_interface_keys():
 def test_shipped_recipes_validate(path):
     cfg = load_config(path)
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+
+
+def test_reduce_dtype_and_loss_kernel(tmp_path):
+    p = write(tmp_path, BASE)
+    with pytest.raises(ValueError, match="distributed.reduce_dtype=bf16 needs train.precision=bf16"):
+        load_config(p, ["train.precision=fp32", "distributed.reduce_dtype=bf16"])
+    with pytest.raises(ValueError, match="distributed.reduce_dtype='fp16' is not one of fp32, bf16"):
+        load_config(p, ["distributed.reduce_dtype=fp16"])
+    with pytest.raises(ValueError, match="train.loss_kernel='triton' is not one of auto, compiled, eager"):
+        load_config(p, ["train.loss_kernel=triton"])
+    from moe_recipes.train.engine import deepspeed_config
+
+    for reduce in ("fp32", "bf16"):
+        cfg = load_config(p, ["train.precision=bf16", f"distributed.reduce_dtype={reduce}"])
+        assert deepspeed_config(cfg, 1)["communication_data_type"] == reduce

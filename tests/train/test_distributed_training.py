@@ -60,3 +60,26 @@ def test_zero2_mpirun_matches_single_process(tmp_path, reference, tiny_mixtral, 
     out = run_cli_distributed(["train", str(config)], world_size=2, launcher="mpirun", timeout=600)
     assert "2 process(es) (openmpi), ZeRO-2" in out.stdout
     _compare(reference, tmp_path / "run")
+
+
+def test_bf16_gradient_reduction_tracks_the_single_process_bf16_run(tmp_path, tiny_mixtral, tiny_dataset):
+    bf16 = (*COMMON, "train.precision=bf16")
+    single = tmp_path / "single"
+    assert train(make_config(single, tiny_mixtral, tiny_dataset, *bf16)) == 0
+    (tmp_path / "two").mkdir()
+    config = write_config(
+        tmp_path / "two",
+        tiny_mixtral,
+        tiny_dataset,
+        *bf16,
+        "distributed.zero_stage=2",
+        "distributed.reduce_dtype=bf16",
+    )
+    out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
+    assert "ZeRO-2" in out.stdout and "bf16, gradients reduced in bfloat16" in out.stdout
+    a, b = step_records(single / "run"), step_records(tmp_path / "two" / "run")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    # step 1 is computed before any update; later steps see weights updated from bf16-rounded gradients
+    assert b[1]["lm_loss"] == pytest.approx(a[1]["lm_loss"], rel=1e-4)
+    for step in (2, 3, 4):
+        assert b[step]["lm_loss"] == pytest.approx(a[step]["lm_loss"], rel=5e-3), step

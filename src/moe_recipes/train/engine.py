@@ -73,6 +73,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "zero_optimization": zero,
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        "communication_data_type": "bf16" if d.reduce_dtype == "bf16" else "fp32",
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**12,

@@ -60,8 +60,9 @@ def shard_model(
     """`fully_shard` every decoder layer, then the root, with the configured precision and offload."""
     d = cfg.distributed
     bf16 = cfg.train.precision == "bf16"
+    reduce_dtype = torch.bfloat16 if d.reduce_dtype == "bf16" else torch.float32
     mp = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=reduce_dtype if bf16 else None
     )
     offload: OffloadPolicy = (
         CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if d.fsdp_cpu_offload else OffloadPolicy()

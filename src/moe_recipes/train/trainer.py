@@ -146,13 +146,16 @@ def setup(cfg: Config) -> Run:
     )
     if run.is_main:
         cfg.save(writer.dir / "config.yaml")
+        comm = getattr(engine, "communication_data_type", None)  # what DeepSpeed will actually reduce in
+        reduce = str(comm).removeprefix("torch.") if comm is not None else cfg.distributed.reduce_dtype
         run.print(
             f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), "
             f"{f'ZeRO-{cfg.distributed.zero_stage}' if use_ds else 'FSDP2'}, "
             f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
             f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
             f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}; "
-            f"trainable parameters {params.trainable:,} of {params.total:,}"
+            f"trainable parameters {params.trainable:,} of {params.total:,}; {cfg.train.precision}, "
+            f"gradients reduced in {reduce}"
         )
     _maybe_resume(run)
     return run

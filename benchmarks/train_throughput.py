@@ -10,7 +10,9 @@ evaluation and no checkpoint. Configurations, each measured for both contenders 
 * 2 processes under torchrun (1 thread each, micro batch --batch / 2): ours with ZeRO-2, HF Trainer with
   a DeepSpeed ZeRO-2 JSON when accelerate runs it on all processes, else plain DDP (said in the output);
 
-each in fp32 and bf16 (ours `train.precision=bf16`, autocast; HF `bf16=True`). Every contender runs in
+each in fp32 and bf16 (ours `train.precision=bf16`, autocast; HF `bf16=True`). Ours runs on both engines
+(DeepSpeed ZeRO, FSDP2) and, for 2 processes in bf16, also with `distributed.reduce_dtype=bf16` (gradients
+reduced in bf16, as HF Trainer's DeepSpeed bf16 mode does; ours reduces fp32 by default). Every contender runs in
 its own process tree, so peak memory is its own: the table's "peak GB/rank" is the largest resident set
 of any process of that tree (from `os.wait4`), the same measure for both. tokens/s is global batch x seq
 divided by the median step time after --warmup steps (and, less sensitive to other jobs on a shared
@@ -20,7 +22,7 @@ that both train the same model on the same data (HF's is ~0.001 higher: its load
 not divided by top_k, so it is ~2x ours and adds ~0.001 more at router_aux_loss_coef=0.001).
 
     .venv/bin/python benchmarks/train_throughput.py [--workdir DIR] [--steps 12] [--warmup 3]
-        [--precisions fp32 bf16] [--procs 1 2] [--engines deepspeed fsdp2]
+        [--precisions fp32 bf16] [--procs 1 2] [--engines deepspeed fsdp2 deepspeed-bf16reduce]
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ SHARED_DATA = REPO / ".." / "shared" / "data"
 BENCH_DIR = Path(__file__).resolve().parent
 SPEED_GOAL = 1.2  # ours / HF tokens/s, at least
 MEMORY_GOAL = 0.7  # ours / HF peak memory per rank, at most
+# DeepSpeed ZeRO with `distributed.reduce_dtype=bf16`: gradients reduced in bf16, as HF Trainer's DeepSpeed
+# bf16 mode does; measured for multi-process bf16 only (elsewhere it is the same as "deepspeed").
+BF16_REDUCE = "deepspeed-bf16reduce"
 JOB_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -228,9 +233,11 @@ def ours_overrides(
 ) -> list[str]:
     engine_keys = (
         [f"distributed.zero_stage={0 if processes == 1 else 2}"]
-        if engine == "deepspeed"
+        if engine.startswith("deepspeed")
         else ["distributed.engine=fsdp2"]
     )
+    if engine == BF16_REDUCE:
+        engine_keys.append("distributed.reduce_dtype=bf16")
     return [
         f"model.path={setup.model_dir}",
         f"data.path={setup.data_path}",
@@ -282,11 +289,15 @@ def run_ours(setup: Setup, processes: int, precision: str, engine: str = "deepsp
     records = [json.loads(line) for line in (run_dir / "log" / "metrics.jsonl").read_text().splitlines()]
     steps = sorted((r for r in records if "step_time" in r), key=lambda r: r["step"])
     times = [r["step_time"] for r in steps]
-    sharding = f"ZeRO-{cfg.distributed.zero_stage}" if engine == "deepspeed" else "FSDP2"
+    sharding = f"ZeRO-{cfg.distributed.zero_stage}" if engine.startswith("deepspeed") else "FSDP2"
+    if cfg.distributed.reduce_dtype != "fp32":
+        sharding += f", gradients reduced in {cfg.distributed.reduce_dtype}"
     note = f"{sharding}; rank 0 reports {max(r['peak_mem_gb'] for r in steps):.2f} GB"
     first_loss = steps[0]["loss"] if steps else None
     tokens = setup.batch * setup.seq
-    name = "moe-recipes" if engine == "deepspeed" else "moe-recipes/fsdp2"
+    name = {"deepspeed": "moe-recipes", "fsdp2": "moe-recipes/fsdp2", BF16_REDUCE: "moe-recipes/bf16red"}[
+        engine
+    ]
     return Result(name, processes, precision, times, tokens, setup.warmup, peak, first_loss, note)
 
 
@@ -406,14 +417,14 @@ def run_hf_multi(setup: Setup, processes: int, precision: str) -> Result:
 def format_table(results: list[Result]) -> str:
     """The results table followed by one ratio line per configuration."""
     head = (
-        f"| {'contender':<17} | procs | precision | tokens/s (median) | tokens/s (best) | peak GB/rank "
+        f"| {'contender':<19} | procs | precision | tokens/s (median) | tokens/s (best) | peak GB/rank "
         "| loss step 1 | notes"
     )
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:])]
     for r in results:
         loss = f"{r.first_loss:.4f}" if r.first_loss is not None else "-"
         lines.append(
-            f"| {r.contender:<17} | {r.processes:>5} | {r.precision:<9} | {r.tokens_per_s:>17.0f} | "
+            f"| {r.contender:<19} | {r.processes:>5} | {r.precision:<9} | {r.tokens_per_s:>17.0f} | "
             f"{r.best_tokens_per_s:>15.0f} | {r.peak_gb:>12.2f} | {loss:>11} | {r.note}"
         )
     lines.append("")
@@ -445,9 +456,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--engines",
         nargs="+",
-        choices=["deepspeed", "fsdp2"],
-        default=["deepspeed", "fsdp2"],
-        help="our sharding engines to measure, each against the same HF Trainer run",
+        choices=["deepspeed", "fsdp2", BF16_REDUCE],
+        default=["deepspeed", "fsdp2", BF16_REDUCE],
+        help=f"our sharding engines to measure, each against the same HF Trainer run ({BF16_REDUCE}: "
+        "DeepSpeed with gradients reduced in bf16, run for multi-process bf16 only)",
     )
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="global batch (samples per optimizer step)")
@@ -488,9 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, (processes, precision) in enumerate(configurations):
         print(f"== {processes} process(es), {precision}", flush=True)
         # Alternate who goes first, so a drift in the machine's load does not always favour one side.
-        contenders = [*args.engines, "HF Trainer"]
+        engines = [e for e in args.engines if e != BF16_REDUCE or (processes > 1 and precision == "bf16")]
+        contenders = [*engines, "HF Trainer"]
         for contender in contenders[:: 1 if i % 2 == 0 else -1]:
-            if contender in ("deepspeed", "fsdp2"):
+            if contender != "HF Trainer":
                 result = run_ours(setup, processes, precision, contender)
             elif processes > 1:
                 result = run_hf_multi(setup, processes, precision)

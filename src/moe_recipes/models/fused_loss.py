@@ -158,14 +158,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         valid_all = labels != ignore_index
+        # Buffers allocated once per call rather than per chunk: fresh 100+ MB tensors cost page faults.
+        logits_buf = torch.empty((rows, w.shape[0]), dtype=mm_dtype, device=w.device) if compiled else None
+        gw_buf = torch.empty(w.shape, dtype=mm_dtype, device=w.device) if mm_dtype != acc else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end].to(mm_dtype)  # (C, H)
             valid = valid_all[start:end]
             target = labels[start:end].masked_fill(~valid, 0)  # (C,)
             fast = None
-            if compiled:
-                fast = _COMPILED(F.linear(h, w), target, valid.to(acc))
+            if logits_buf is not None:
+                z = torch.mm(h, w.t(), out=logits_buf[: end - start])
+                fast = _COMPILED(z, target, valid.to(acc))
             if fast is not None:
                 chunk_loss, g = fast
                 loss_sum += chunk_loss
@@ -174,7 +178,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss_sum += chunk_loss
                 g = g.to(mm_dtype)
             grad_hidden[start:end] = (g @ w).to(hidden.dtype)
-            grad_weight.add_(g.t() @ h)
+            if gw_buf is None:
+                grad_weight.addmm_(g.t(), h)
+            else:  # bf16 product, fp32 sum
+                grad_weight.add_(torch.mm(g.t(), h, out=gw_buf))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss_sum, valid_all.sum()

@@ -64,6 +64,14 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         help="skip lines that are not JSON, lack the key or hold a non-string, and count them "
         "(default: stop with an error naming the file and line)",
     )
+    p.add_argument(
+        "--no-word-cache",
+        dest="word_cache",
+        action="store_false",
+        help="encode with the tokenizer's own pipeline only (slower). By default words are looked up in a "
+        "per-worker cache in front of it, for tokenizers where that gives exactly the same ids "
+        "(checked at start and on one document of every chunk)",
+    )
     p.set_defaults(handler=_run_prepare)
 
 
@@ -79,6 +87,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         add_bos=args.bos,
         workers=args.workers,
         skip_bad_lines=args.skip_bad_lines,
+        word_cache=args.word_cache,
     )
     print(stats.summary())
     return 0

@@ -410,3 +410,39 @@ def test_largest_token_id_scans_every_slice(tmp_path: Path, monkeypatch) -> None
     write_index(tmp_path / "d.idx", np.uint16, np.array([len(d) for d in docs]))
     monkeypatch.setattr(info, "MAX_SCAN_TOKENS", 7)
     assert info.largest_token_id(IndexedDataset(tmp_path / "d")) == 60000
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek"])
+def test_word_cache_path_is_taken_and_matches_the_plain_pipeline(tmp_path: Path, name: str) -> None:
+    from moe_recipes.data.fast_tokenize import WordCacheEncoder
+
+    tok = load_tokenizer(TOKENIZER_DIRS[name])
+    spec = prep._make_spec(tok, str(TOKENIZER_DIRS[name]), "text", True, True, False)
+    assert isinstance(prep._Encoder(spec, tok).fast, WordCacheEncoder)
+    src = write_lines(tmp_path / "c.jsonl", jsonl(corpus_texts("ja", 60) + corpus_texts("en", 60)))
+    for cache in (True, False):
+        prepare_dataset([str(src)], str(TOKENIZER_DIRS[name]), str(tmp_path / f"o{cache}"), word_cache=cache)
+    for ext in ("bin", "idx"):
+        a, b = (tmp_path / f"o{c}_text_document.{ext}" for c in (True, False))
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_word_cache_disagreement_stops_the_run_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    real = prep.fast_encoder
+
+    class Corrupting:  # a word-cache encoder that drops the last token of a batch's longest document
+        def __init__(self, backend):
+            self.inner = real(backend)
+            self.kind = self.inner.kind
+
+        def encode_batch(self, texts):
+            ids = self.inner.encode_batch(texts)
+            longest = max(range(len(texts)), key=lambda k: len(texts[k]))
+            ids[longest] = ids[longest][:-1]
+            return ids
+
+    monkeypatch.setattr(prep, "fast_encoder", Corrupting)
+    src = write_lines(tmp_path / "c.jsonl", jsonl(corpus_texts("en", 20)))
+    with pytest.raises(RuntimeError, match=r"c\.jsonl \(bytes 0-\d+\); please report this.*--no-word-cache"):
+        prepare_dataset([str(src)], str(TOKENIZER_DIRS["mixtral"]), str(tmp_path / "out"))
+    assert not list(tmp_path.glob("out*"))

@@ -32,8 +32,10 @@ Parallelism: `workers` processes. On Linux they are forked and inherit the paren
 tokenizer; elsewhere they are spawned and rebuild it from the fast backend's JSON (importing no
 transformers). Workers read their own chunks: byte ranges of plain files, so no text passes
 through the parent; gzip streams cannot be seeked, so the parent decompresses them and passes raw
-bytes. Each chunk is encoded with the Rust backend's
-`encode_batch_fast` in one call and returned as numpy arrays. Every worker -- and the parent when
+bytes. Each chunk is encoded in one call and returned as numpy arrays: through the exact word cache
+of `data.fast_tokenize` where the tokenizer allows it (the longest document of every chunk is
+re-encoded with the tokenizer's own pipeline as a check), else with the Rust backend's
+`encode_batch_fast`. Every worker -- and the parent when
 `workers=1` -- encodes on one thread (TOKENIZERS_PARALLELISM=false), so N workers use N cores.
 Results are written in input order whatever the number of workers, so the output is identical.
 
@@ -64,6 +66,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from moe_recipes.data.fast_tokenize import BackendEncoder, BatchEncoder, fast_encoder
 from moe_recipes.data.indexed import token_dtype, write_index
 from moe_recipes.data.tokenizer import bos_id, eod_id, load_tokenizer
 
@@ -160,6 +163,7 @@ class _EncodeSpec:
     eos: int | None
     dtype: str
     skip_bad_lines: bool
+    word_cache: bool = True
 
 
 def output_prefix_for(output_prefix: str | os.PathLike, json_key: str) -> str:
@@ -254,12 +258,31 @@ class _Encoder:
             self.backend = Tokenizer.from_str(spec.tokenizer_json)
         else:
             self.hf_tokenizer = load_tokenizer(spec.tokenizer_dir)
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text without special tokens, on one thread."""
+        # An exact word-cache encoder in front of the Rust backend (data.fast_tokenize); it keeps the
+        # backend's own encode_batch_fast where it cannot reproduce the pipeline exactly.
+        self.fast: BatchEncoder | None = None
         if self.backend is not None:
-            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return self.hf_tokenizer(texts, add_special_tokens=False)["input_ids"]
+            self.fast = fast_encoder(self.backend) if spec.word_cache else BackendEncoder(self.backend)
+
+    def encode(self, texts: list[str], where: str = "") -> list[list[int]]:
+        """Token ids of each text without special tokens, on one thread."""
+        if self.fast is None:
+            return self.hf_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = self.fast.encode_batch(texts)
+        if texts and not isinstance(self.fast, BackendEncoder):
+            self._spot_check(texts, ids, where)
+        return ids
+
+    def _spot_check(self, texts: list[str], ids: list[list[int]], where: str) -> None:
+        """Re-encode the batch's longest document with the tokenizer's own pipeline: a guard, at ~1% of
+        the work, against the word cache ever disagreeing with it (it is exact by construction)."""
+        i = max(range(len(texts)), key=lambda k: len(texts[k]))
+        expected = self.backend.encode(texts[i], add_special_tokens=False).ids
+        if ids[i] != expected:
+            raise RuntimeError(
+                f"the word-cache tokenizer disagrees with the tokenizer's own encoding on document {i + 1} "
+                f"of {where or 'a batch'}; please report this, and rerun with --no-word-cache"
+            )
 
     def parse(self, data: bytes) -> tuple[list[str], _ChunkResult]:
         """Texts of the chunk's lines, and a result holding the line bookkeeping."""
@@ -297,7 +320,8 @@ class _Encoder:
         extra = (bos is not None) + (eos is not None)
         flat: list[int] = []
         lengths: list[int] = []
-        for ids in self.encode(texts):
+        where = chunk.path if chunk.data is not None else f"{chunk.path} (bytes {chunk.start}-{chunk.end})"
+        for ids in self.encode(texts, where):
             if not ids:
                 result.empty_documents += 1
                 continue
@@ -457,6 +481,7 @@ def _make_spec(
     append_eod: bool,
     add_bos: bool,
     skip_bad_lines: bool,
+    word_cache: bool = True,
 ) -> _EncodeSpec:
     """What every worker needs to know besides the tokenizer itself."""
     return _EncodeSpec(
@@ -467,6 +492,7 @@ def _make_spec(
         eos=eod_id(tokenizer) if append_eod else None,
         dtype=np.dtype(token_dtype(len(tokenizer))).name,
         skip_bad_lines=skip_bad_lines,
+        word_cache=word_cache,
     )
 
 
@@ -488,13 +514,16 @@ def prepare_dataset(
     add_bos: bool = True,
     workers: int = 1,
     skip_bad_lines: bool = False,
+    word_cache: bool = True,
 ) -> PrepareStats:
     """Tokenize JSONL `inputs` into `output_prefix`_<json_key>_document.{bin,idx}; see the module doc."""
     start = time.perf_counter()
     _check_args(inputs, json_key, workers)
     files = expand_inputs(list(inputs))
     tokenizer = load_tokenizer(tokenizer_dir)
-    spec = _make_spec(tokenizer, str(tokenizer_dir), json_key, append_eod, add_bos, skip_bad_lines)
+    spec = _make_spec(
+        tokenizer, str(tokenizer_dir), json_key, append_eod, add_bos, skip_bad_lines, word_cache
+    )
     prefix = output_prefix_for(output_prefix, json_key)
     stats = PrepareStats([str(f) for f in files], f"{prefix}.bin", f"{prefix}.idx", spec.dtype)
     chunks = _iter_chunks(files, _chunk_bytes(sum(f.stat().st_size for f in files), workers))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,30 +53,59 @@ def _xent_grad_math(z: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, T
     return loss, grad
 
 
+def _xent_reduce(z: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """First pass of the in-place variant: summed cross-entropy and the row logsumexp (C, 1)."""
+    x = z.to(torch.promote_types(z.dtype, torch.float32))
+    row_max = x.amax(dim=-1, keepdim=True)
+    lse = row_max + torch.log(torch.exp(x - row_max).sum(dim=-1, keepdim=True))
+    loss = ((lse - x.gather(1, target[:, None])).squeeze(1) * valid).sum()
+    return loss, lse
+
+
+def _xent_grad_in_place(z: Tensor, lse: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Second pass: overwrite the logits z with `(softmax(z) - onehot(target)) * valid`. A pure
+    elementwise pass, which the compiler writes straight into z (no second (C, V) buffer)."""
+    x = z.to(lse.dtype)
+    onehot = (torch.arange(x.shape[1], device=x.device)[None, :] == target[:, None]).to(x.dtype)
+    z.copy_(((torch.exp(x - lse) - onehot) * valid[:, None]).to(z.dtype))
+    return lse
+
+
 class _CompiledKernel:
-    """The compiled `_xent_grad_math`, built on first use; disabled for the process after a failure."""
+    """The compiled kernels, each built on first use; all disabled for the process after a failure."""
 
     def __init__(self) -> None:
-        self.fn: Callable[..., tuple[Tensor, Tensor]] | None = None
+        self.fns: dict[str, Callable[..., Any]] = {}
         self.failed = False
 
-    def __call__(self, z: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Loss sum and gradient, or None when compiling is not possible here."""
+    def run(self, fn: Callable[..., Any], *args: Tensor) -> Any:
+        """`fn(*args)` compiled, or None when compiling is not possible here."""
         if self.failed:
             return None
         try:
-            if self.fn is None:
-                self.fn = torch.compile(_xent_grad_math, fullgraph=True)
-            return self.fn(z, target, valid)
+            if fn.__name__ not in self.fns:
+                self.fns[fn.__name__] = torch.compile(fn, fullgraph=True)
+            return self.fns[fn.__name__](*args)
         except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure means: use eager
             self.failed = True
             warnings.warn(
                 f"the compiled LM-head loss kernel is not available ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}); using the eager kernel",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             return None
+
+    def loss_and_grad(self, z: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Loss sum and d loss / d z in z's dtype, or None. When z already has the softmax precision
+        (fp32 logits) the gradient overwrites z, halving the chunk's memory at the same speed; for bf16
+        logits the one-pass out-of-place kernel is faster and its bf16 gradient is small."""
+        if z.dtype != torch.promote_types(z.dtype, torch.float32):
+            return self.run(_xent_grad_math, z, target, valid)
+        out = self.run(_xent_reduce, z, target, valid)
+        if out is None or self.run(_xent_grad_in_place, z, out[1], target, valid) is None:
+            return None
+        return out[0], z
 
 
 _COMPILED = _CompiledKernel()
@@ -169,7 +199,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             fast = None
             if logits_buf is not None:
                 z = torch.mm(h, w.t(), out=logits_buf[: end - start])
-                fast = _COMPILED(z, target, valid.to(acc))
+                fast = _COMPILED.loss_and_grad(z, target, valid.to(acc))
             if fast is not None:
                 chunk_loss, g = fast
                 loss_sum += chunk_loss

@@ -259,9 +259,9 @@ def test_failure_while_committing_leaves_no_files(tmp_path: Path, monkeypatch) -
 
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory) -> Path:
-    """~25 MB of JSONL: far more than a run gets through before the test signals it."""
+    """~70 MB of JSONL: far more than a run gets through before the test signals it."""
     path = tmp_path_factory.mktemp("big") / "big.jsonl"
-    path.write_bytes(CORPORA["en"].read_bytes() * 28)
+    path.write_bytes(CORPORA["en"].read_bytes() * 80)
     return path
 
 

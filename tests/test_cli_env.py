@@ -24,3 +24,9 @@ def test_cli_module_sets_it_before_importing_torch():
     code = "import sys, moe_recipes.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_building_the_command_line_imports_no_torch():
+    code = "import sys, moe_recipes.cli as c; c.build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

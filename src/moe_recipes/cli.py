@@ -263,7 +263,7 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from moe_recipes.convert.cli import add_commands as convert_commands
     from moe_recipes.data.inspect_cmd import add_commands as data_commands
     from moe_recipes.infer.cli import add_commands as infer_commands
-    from moe_recipes.models.upcycle import add_commands as upcycle_commands
+    from moe_recipes.models.upcycle_cli import add_commands as upcycle_commands
     from moe_recipes.train.plot import add_commands as plot_commands
 
     return [convert_commands, infer_commands, data_commands, upcycle_commands, plot_commands]

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
 from moe_recipes.fileio import publish, staging_dir
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch dtype names; torch and transformers are imported where used, so that the command line (which reads
+# ARCHITECTURES for `init-model --help`) stays light.
+DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -233,6 +232,8 @@ def build_config(
 ) -> Any:
     """The HF config of ``arch`` with the given sizes, vocabulary and special-token ids."""
     spec = ARCHITECTURES[arch]
+    from transformers import AutoConfig
+
     return AutoConfig.for_model(
         spec.model_type,
         **spec.build(dims),
@@ -306,6 +307,9 @@ def init_model(
     )
     out = Path(output_dir).resolve()
     _check_output_dir(out, overwrite)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
     # A tokenizer without a pad token leaves pad_token_id unset rather than borrowing EOS: HF uses it as
     # the embedding padding_idx, which would freeze the EOS embedding at zero.
@@ -320,6 +324,6 @@ def init_model(
     )
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).to(DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, DTYPES[dtype]))
     _save_atomically(model, tokenizer, out)
     return str(out)

@@ -20,7 +20,6 @@ attention biases into Mixtral) is an error, since the result could not match the
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_recipes.models.inspect import inspect_model
+from moe_recipes.models.upcycle_cli import UPCYCLE_ARCHS
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+ARCHS = UPCYCLE_ARCHS
 _COPIED_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -205,26 +205,3 @@ def upcycle(
         if path.name.startswith("tokenizer") or path.name in _EXTRA_FILES:
             shutil.copy2(path, out / path.name)
     return out
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `moe-recipes upcycle`."""
-    p = sub.add_parser("upcycle", help="turn a dense HF model into an MoE HF model (sparse / Drop-Upcycling)")
-    p.add_argument(
-        "--dense", required=True, help="dense Hugging Face model folder (Llama/Qwen2/Mistral-style)"
-    )
-    p.add_argument("--arch", required=True, choices=ARCHS, help="MoE family to write")
-    p.add_argument("--experts", type=int, required=True, help="routed experts per layer")
-    p.add_argument("--top-k", type=int, required=True, help="experts per token")
-    p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling: share of neurons re-drawn")
-    p.add_argument("--seed", type=int, default=0, help="seed of the router init and the dropped neurons")
-    p.add_argument("--output", required=True, help="folder to write (must be empty or absent)")
-    p.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    out = upcycle(args.dense, args.arch, args.experts, args.top_k, args.output, args.drop_ratio, args.seed)
-    print(
-        f"[moe-recipes] upcycled {args.dense} -> {out} ({args.arch}, {args.experts} experts, top-{args.top_k})"
-    )
-    return 0

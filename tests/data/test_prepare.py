@@ -265,6 +265,10 @@ def big_corpus(tmp_path_factory) -> Path:
     return path
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -288,7 +292,9 @@ def test_signal_stops_cli_run_and_cleans_up(tmp_path: Path, big_corpus: Path, si
            str(TOKENIZER_DIRS["mixtral"]), "--output-prefix", str(out / "big"), "--workers", "2",
            "--no-word-cache"]  # fmt: skip
     with open(tmp_path / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        # Shells start background jobs with SIGINT ignored, and Python keeps it ignored: give the run the
+        # default disposition, as an interactive terminal would, so that the test works when so launched.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint)
         tmp_bin = out / f"big_text_document.bin.tmp-{proc.pid}"
         deadline = time.monotonic() + 90
         while not (tmp_bin.exists() and tmp_bin.stat().st_size > 0):

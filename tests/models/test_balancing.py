@@ -161,3 +161,32 @@ def tiny_deepseek_v3_model(tmp_path_factory):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     return model, inspect_model(model)
+
+
+def test_padding_mask_leaves_padded_tokens_out_of_every_router_loss(tiny_mixtral_model):
+    """Two sequences of 5 and 3 real tokens padded to 5: with the mask, every loss equals the one computed
+    from the real tokens alone (the sequence loss row by row), whatever the padded rows hold."""
+    model, info = tiny_mixtral_model
+    torch.manual_seed(1)
+    layers = len(info.routers)
+    captured = [(torch.randn(10, 4), torch.randint(0, 4, (10, 2))) for _ in range(layers)]
+    mask = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    real = [(lg[mask], ix[mask]) for lg, ix in captured]
+    coefs = BalanceCoefs(micro_batch=0.1, global_batch=0.2, sequence=0.3, z=0.01)
+    load = GlobalLoad(counts=expert_counts(captured, 4, mask).double(), top_k=2)
+    assert torch.equal(load.counts, expert_counts(real, 4).double())
+    parts = balancing_losses(captured, info, coefs, batch_size=2, global_load=load, mask=mask)
+    aux = torch.stack([load_balancing_loss(lg, ix, 4, 2) for lg, ix in real]).mean()
+    assert parts["aux_loss"].item() == pytest.approx(aux.item(), rel=1e-6)
+    assert parts["global_aux_loss"].item() == pytest.approx(aux.item(), rel=1e-5)
+    z = torch.stack([torch.logsumexp(lg, -1).pow(2).mean() for lg, _ in real]).mean()
+    assert parts["z_loss"].item() == pytest.approx(z.item(), rel=1e-6)
+    rows = [(slice(0, 5), 5), (slice(5, 8), 3)]
+    seq = torch.stack(
+        [torch.stack([sequence_loss(lg[r], ix[r], 1) for r, _ in rows]).mean() for lg, ix in captured]
+    ).mean()
+    assert parts["seq_aux_loss"].item() == pytest.approx(seq.item(), rel=1e-6)
+    # and the padded rows really were counted before: without the mask the losses differ
+    unmasked = balancing_losses(captured, info, coefs, batch_size=2, global_load=load)
+    assert unmasked["aux_loss"].item() != pytest.approx(aux.item(), rel=1e-6)
+    assert unmasked["seq_aux_loss"].item() != pytest.approx(seq.item(), rel=1e-6)

@@ -112,11 +112,15 @@ def global_batch_loss_part(logits: Tensor, fraction: Tensor, global_tokens: floa
     return num_experts / global_tokens * (fraction.to(prob_sums.device) * prob_sums).sum()
 
 
-def sequence_loss(logits: Tensor, indices: Tensor, batch_size: int, sigmoid: bool = False) -> Tensor:
+def sequence_loss(
+    logits: Tensor, indices: Tensor, batch_size: int, sigmoid: bool = False, mask: Tensor | None = None
+) -> Tensor:
     """DeepSeek-V2/V3 sequence-wise balance loss of one layer, averaged over the ``batch_size`` sequences.
 
     ``logits`` (batch * seq, E) and ``indices`` (batch * seq, top_k) are in row-major (batch, seq) order,
-    as routers see the flattened hidden states.
+    as routers see the flattened hidden states. ``mask`` (batch * seq,), true on real tokens, leaves
+    padding out: each sequence's ``f`` and ``P`` are over its own tokens, and sequences without any are
+    not averaged.
     """
     tokens, num_experts = logits.shape
     top_k = indices.shape[-1]
@@ -126,13 +130,21 @@ def sequence_loss(logits: Tensor, indices: Tensor, batch_size: int, sigmoid: boo
             f"cannot split them into {batch_size} sequences"
         )
     seq_len = tokens // batch_size
+    if mask is None:
+        keep = torch.ones(batch_size, seq_len, dtype=torch.float32, device=logits.device)
+    else:
+        keep = mask.to(device=logits.device, dtype=torch.float32).view(batch_size, seq_len)
     scores = router_scores(logits, sigmoid).view(batch_size, seq_len, num_experts)  # (B, T, E)
     counts = torch.zeros(batch_size, num_experts, dtype=torch.float32, device=logits.device)
     flat = indices.to(logits.device).view(batch_size, seq_len * top_k)  # (B, T*K)
-    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))  # (B, E)
-    f = counts * num_experts / (top_k * seq_len)  # (B, E), sums to E per sequence
-    p = scores.mean(dim=1)  # (B, E)
-    return (f * p).sum(dim=-1).mean()
+    slot_keep = keep.repeat_interleave(top_k, dim=1)  # (B, T*K): the slots of real tokens
+    counts.scatter_add_(1, flat, slot_keep)  # (B, E)
+    lengths = keep.sum(dim=1)  # (B,)
+    rows = lengths > 0
+    f = counts * num_experts / (top_k * lengths.clamp(min=1))[:, None]  # (B, E), sums to E per sequence
+    p = (scores * keep[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None]  # (B, E)
+    per_sequence = (f * p).sum(dim=-1)
+    return per_sequence[rows].mean() if bool(rows.any()) else per_sequence.sum() * 0.0
 
 
 def _uses_sigmoid(router: nn.Module) -> bool:
@@ -145,8 +157,10 @@ def balancing_losses(
     coefs: BalanceCoefs,
     batch_size: int,
     global_load: GlobalLoad | None = None,
+    mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The router losses of one micro-batch.
+    """The router losses of one micro-batch; ``mask`` (batch * seq,), true on real tokens, leaves padding
+    out of all of them (the trainer passes it for padded chat batches).
 
     Returns ``moe_loss`` (differentiable: the coefficient-weighted sum, the global-batch part already
     multiplied by ``global_load.grad_scale``) and the detached values ``aux_loss`` (micro-batch),
@@ -158,8 +172,9 @@ def balancing_losses(
         return {k: zero for k in ("moe_loss", "aux_loss", "global_aux_loss", "seq_aux_loss", "z_loss")}
     n, k = info.num_experts, info.top_k
     layers = len(captured)
-    aux = torch.stack([load_balancing_loss(lg, ix, n, k) for lg, ix in captured]).mean()
-    z = torch.stack([router_z_loss(lg) for lg, _ in captured]).mean()
+    routed = captured if mask is None else [(lg[mask], ix[mask]) for lg, ix in captured]
+    aux = torch.stack([load_balancing_loss(lg, ix, n, k) for lg, ix in routed]).mean()
+    z = torch.stack([router_z_loss(lg) for lg, _ in routed]).mean()
     zero = aux.new_zeros(())
     glob, seq = zero, zero
     if coefs.global_batch:
@@ -168,12 +183,15 @@ def balancing_losses(
             raise ValueError(f"global-batch loss needs the global expert counts ({layers}, {n}), got {got}")
         fraction, total = global_load.fraction, global_load.tokens
         glob = torch.stack(
-            [global_batch_loss_part(lg, fraction[i], total) for i, (lg, _) in enumerate(captured)]
+            [global_batch_loss_part(lg, fraction[i], total) for i, (lg, _) in enumerate(routed)]
         ).mean()
     if coefs.sequence:
         sig = [_uses_sigmoid(r) for _, r in info.routers] or [False]
         seq = torch.stack(
-            [sequence_loss(lg, ix, batch_size, sig[i % len(sig)]) for i, (lg, ix) in enumerate(captured)]
+            [
+                sequence_loss(lg, ix, batch_size, sig[i % len(sig)], mask)
+                for i, (lg, ix) in enumerate(captured)
+            ]
         ).mean()
     moe_loss = zero
     if coefs.micro_batch:

@@ -32,6 +32,15 @@ def loss_chunk_tokens(configured: int | None, vocab_size: int) -> int:
     return max(64, CHUNK_LOGIT_BYTES // (4 * vocab_size) // 64 * 64)
 
 
+def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch * seq,) bool, true on real tokens, from a 2D padding mask; None when there is no padding
+    (no mask, an all-ones mask, or a 4D attention mask, which packed batches use instead of padding rows)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    mask = attention_mask.reshape(-1) != 0
+    return None if bool(mask.all()) else mask
+
+
 class CausalLMObjective(nn.Module):
     """Computes the loss parts of one micro-batch.
 
@@ -98,10 +107,11 @@ class CausalLMObjective(nn.Module):
             if not route_only:
                 loss_sum, n_tokens = self._lm_loss(hidden, labels)
         captured = self.capture.layers() if self.capture is not None else []
-        counts = expert_counts(captured, self.info.num_experts) if captured else torch.zeros(0, 0)
+        mask = _padding_mask(attention_mask)
+        counts = expert_counts(captured, self.info.num_experts, mask) if captured else torch.zeros(0, 0)
         if route_only:
             return {"expert_counts": counts}
-        parts = balancing_losses(captured, self.info, self.coefs, input_ids.shape[0], self.global_load)
+        parts = balancing_losses(captured, self.info, self.coefs, input_ids.shape[0], self.global_load, mask)
         return {
             "lm_loss_sum": loss_sum,
             "tokens": n_tokens.detach(),

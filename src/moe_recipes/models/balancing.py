@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_recipes.models.inspect import MoEInfo
-from moe_recipes.models.losses import load_balancing_loss, router_z_loss
+from moe_recipes.models.losses import load_balancing_loss, router_z_loss, token_weights
 
 BIAS_NAME = "e_score_correction_bias"
 
@@ -99,16 +99,20 @@ def router_scores(logits: Tensor, sigmoid: bool) -> Tensor:
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-def global_batch_loss_part(logits: Tensor, fraction: Tensor, global_tokens: float) -> Tensor:
+def global_batch_loss_part(
+    logits: Tensor, fraction: Tensor, global_tokens: float, mask: Tensor | None = None
+) -> Tensor:
     """This micro-batch's share of one layer's global-batch loss: ``E / T_global * sum_i f_i sum_t p_ti``.
 
     ``fraction`` (E,) is the layer's ``f`` over the global batch (no gradient); summing the parts of all
-    micro-batches on all ranks gives ``E * sum_i f_i * P_i`` of the global batch.
+    micro-batches on all ranks gives ``E * sum_i f_i * P_i`` of the global batch. Masked tokens
+    (``mask == 0``, padding) add nothing.
     """
     num_experts = logits.shape[-1]
     if fraction.shape != (num_experts,):
         raise ValueError(f"fraction must be ({num_experts},), got {tuple(fraction.shape)}")
-    prob_sums = logits.float().softmax(dim=-1).sum(dim=0)  # (E,)
+    weights = token_weights(mask, logits.shape[0], logits.device)  # (tokens,)
+    prob_sums = (logits.float().softmax(dim=-1) * weights[:, None]).sum(dim=0)  # (E,)
     return num_experts / global_tokens * (fraction.to(prob_sums.device) * prob_sums).sum()
 
 
@@ -130,10 +134,7 @@ def sequence_loss(
             f"cannot split them into {batch_size} sequences"
         )
     seq_len = tokens // batch_size
-    if mask is None:
-        keep = torch.ones(batch_size, seq_len, dtype=torch.float32, device=logits.device)
-    else:
-        keep = mask.to(device=logits.device, dtype=torch.float32).view(batch_size, seq_len)
+    keep = token_weights(mask, tokens, logits.device).view(batch_size, seq_len)  # (B, T)
     scores = router_scores(logits, sigmoid).view(batch_size, seq_len, num_experts)  # (B, T, E)
     counts = torch.zeros(batch_size, num_experts, dtype=torch.float32, device=logits.device)
     flat = indices.to(logits.device).view(batch_size, seq_len * top_k)  # (B, T*K)
@@ -172,9 +173,8 @@ def balancing_losses(
         return {k: zero for k in ("moe_loss", "aux_loss", "global_aux_loss", "seq_aux_loss", "z_loss")}
     n, k = info.num_experts, info.top_k
     layers = len(captured)
-    routed = captured if mask is None else [(lg[mask], ix[mask]) for lg, ix in captured]
-    aux = torch.stack([load_balancing_loss(lg, ix, n, k) for lg, ix in routed]).mean()
-    z = torch.stack([router_z_loss(lg) for lg, _ in routed]).mean()
+    aux = torch.stack([load_balancing_loss(lg, ix, n, k, mask) for lg, ix in captured]).mean()
+    z = torch.stack([router_z_loss(lg, mask) for lg, _ in captured]).mean()
     zero = aux.new_zeros(())
     glob, seq = zero, zero
     if coefs.global_batch:
@@ -183,7 +183,7 @@ def balancing_losses(
             raise ValueError(f"global-batch loss needs the global expert counts ({layers}, {n}), got {got}")
         fraction, total = global_load.fraction, global_load.tokens
         glob = torch.stack(
-            [global_batch_loss_part(lg, fraction[i], total) for i, (lg, _) in enumerate(routed)]
+            [global_batch_loss_part(lg, fraction[i], total, mask) for i, (lg, _) in enumerate(captured)]
         ).mean()
     if coefs.sequence:
         sig = [_uses_sigmoid(r) for _, r in info.routers] or [False]

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from moe_recipes.models.registry import LOGITS_SCALING_MULTIPLIES
 
 
-def _token_weights(mask: Tensor | None, tokens: int, device: torch.device) -> Tensor:
+def token_weights(mask: Tensor | None, tokens: int, device: torch.device) -> Tensor:
     """Mask as float weights ``(tokens,)``: 1 for counted tokens, 0 for padding."""
     if mask is None:
         return torch.ones(tokens, dtype=torch.float32, device=device)
@@ -51,7 +51,7 @@ def load_balancing_loss(
         raise ValueError(
             f"indices must be (tokens, top_k) = {(logits.shape[0], top_k)}, got {tuple(indices.shape)}"
         )
-    weights = _token_weights(mask, logits.shape[0], logits.device)  # (tokens,)
+    weights = token_weights(mask, logits.shape[0], logits.device)  # (tokens,)
     counted = weights.sum().clamp_min(1.0)
     probs = logits.float().softmax(dim=-1)  # (tokens, E)
     slot_weights = weights.repeat_interleave(top_k)  # (tokens * top_k,)
@@ -67,7 +67,7 @@ def router_z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
     Keeps router logits small, which keeps the softmax (and bf16 routing) numerically stable.
     """
-    weights = _token_weights(mask, logits.shape[0], logits.device)  # (tokens,)
+    weights = token_weights(mask, logits.shape[0], logits.device)  # (tokens,)
     z = torch.logsumexp(logits.float(), dim=-1)  # (tokens,)
     return (z.square() * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -106,7 +106,7 @@ def expert_counts(
         if mask is None:
             slot_weights = torch.ones(tokens * top_k, dtype=torch.int64, device=indices.device)
         else:
-            slot_weights = (_token_weights(mask, tokens, indices.device) != 0).long().repeat_interleave(top_k)
+            slot_weights = (token_weights(mask, tokens, indices.device) != 0).long().repeat_interleave(top_k)
         row = torch.zeros(num_experts, dtype=torch.int64, device=indices.device)
         rows.append(row.index_add_(0, indices.reshape(-1), slot_weights))
     if not rows:

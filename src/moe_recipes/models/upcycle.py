@@ -29,9 +29,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_recipes.models.inspect import inspect_model
-from moe_recipes.models.upcycle_cli import UPCYCLE_ARCHS
+from moe_recipes.models.upcycle_cli import UPCYCLE_ARCHS as ARCHS
 
-ARCHS = UPCYCLE_ARCHS
 _COPIED_KEYS = (
     "vocab_size",
     "hidden_size",

@@ -17,7 +17,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="generate text with a Hugging Face model folder",
         description="Continue a prompt with a Hugging Face model folder (e.g. one written by "
         "`moe-recipes convert`), printing tokens as they are produced. Runs in bf16 "
-        "on a GPU and fp32 on the CPU unless --dtype says otherwise.",
+        "where the device computes it natively and in fp32 elsewhere, unless --dtype says otherwise.",
     )
     p.add_argument(
         "model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config, weights, tokenizer)"
@@ -50,7 +50,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="weight dtype (default auto: bf16 on a GPU, fp32 on the CPU)",
+        help="weight dtype (default auto: bf16 where the device computes it natively: GPUs with bf16 units, "
+        "CPUs with AVX-512-BF16 or AMX; fp32 elsewhere)",
     )
     p.set_defaults(handler=_run_generate)
 
@@ -128,8 +129,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="compute precision: bf16 autocast over fp32 weights, or fp32 (default auto: bf16 on "
-        "a GPU, fp32 on the CPU)",
+        help="compute precision: bf16 autocast over fp32 weights, or fp32 (default auto: bf16 where the "
+        "device computes it natively, fp32 elsewhere)",
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: a GPU if any)")
     p.set_defaults(handler=_run_eval)

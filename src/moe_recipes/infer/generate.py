@@ -1,7 +1,7 @@
 """`moe-recipes generate`: text from a Hugging Face folder, streamed token by token as it is produced.
 
 The model is loaded as training loads it (`models.loading.load_model`: sdpa attention, grouped-GEMM
-experts), in bf16 on a GPU and fp32 on the CPU unless asked otherwise. Temperature 0 is greedy decoding
+experts), in bf16 where the device computes it natively and fp32 elsewhere unless asked otherwise. Temperature 0 is greedy decoding
 (`do_sample=False`), so its output is exactly `model.generate`'s greedy output.
 
 Without `--chat` the prompt is tokenized as pre-training text: it starts with the tokenizer's BOS token when
@@ -39,12 +39,13 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """'auto' (or None): bf16 on a GPU, fp32 on the CPU; else 'fp32' or 'bf16'."""
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
+    """'auto' (or None): bf16 where the device computes it natively, else fp32 (as train.precision=auto);
+    else 'fp32' or 'bf16'."""
+    from moe_recipes.precision import resolve_precision
+
+    if dtype not in (None, "auto", *DTYPES):
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return resolve_precision(dtype or "auto", device).dtype
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:

@@ -159,21 +159,22 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     """Load the folder and evaluate it on the `which` split of `data` (see the module docstring).
 
-    precision: "auto" (bf16 autocast on a GPU, fp32 on the CPU), "fp32" or "bf16"; weights stay fp32, as in
+    precision: "auto" (bf16 autocast where the device computes bf16 natively, else fp32), "fp32" or "bf16"; weights stay fp32, as in
     training.
     """
     from moe_recipes.infer.generate import pick_device
     from moe_recipes.models.loading import load_model
+    from moe_recipes.precision import PRECISIONS, resolve_precision
 
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision {precision!r} is not one of auto, fp32, bf16")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if reset_attention_mask and not reset_position_ids:
         raise ValueError("reset_attention_mask needs reset_position_ids (as data.reset_attention_mask does)")
     dataset, count = eval_dataset(data, split, seq_length, seed, which, max_samples, cache_dir)
     dev = pick_device(device)
     model = load_model(str(model_dir), dtype=torch.float32, device=dev)
     model.eval()
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    bf16 = resolve_precision(precision, dev).bf16
     return perplexity(
         model,
         dataset,

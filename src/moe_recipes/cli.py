@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"moe-recipes {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(rc or 0)

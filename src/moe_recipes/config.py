@@ -87,7 +87,11 @@ class TrainConfig:
         None, "chat: train this many epochs (fractions allowed) instead of train.iters, which it sets"
     )
     seed: int = _f(1234, "seed for initial RNG state and data shuffling")
-    precision: str = _f("bf16", "bf16 (autocast, fp32 master weights and gradients) or fp32")
+    precision: str = _f(
+        "auto",
+        "auto (bf16 where the device computes it natively: GPUs with bf16 units, CPUs with AVX-512-BF16 or "
+        "AMX; fp32 elsewhere), bf16 (autocast, fp32 master weights and gradients) or fp32",
+    )
     activation_checkpointing: bool = _f(False, "recompute decoder layers in backward to save memory")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0: off)")
     loss_chunk_size: int | None = _f(
@@ -113,7 +117,7 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key))
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
-        _choice("train.precision", self.precision, ("bf16", "fp32"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.nan_policy", self.nan_policy, ("stop", "skip"))
         _choice("train.loss_kernel", self.loss_kernel, ("auto", "compiled", "eager"))
         if self.exit_interval is not None:
@@ -144,6 +148,14 @@ class OptimConfig:
             )
         if self.warmup_iters < 0:
             raise ValueError(f"optim.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.decay_iters is not None and self.decay_iters < 1:
+            raise ValueError(
+                f"optim.decay_iters must be >= 1 (or null for train.iters), got {self.decay_iters}"
+            )
+        if self.decay_iters is not None and self.decay_iters < self.warmup_iters:
+            raise ValueError(
+                f"optim.decay_iters={self.decay_iters} is shorter than optim.warmup_iters={self.warmup_iters}"
+            )
         if not 0 <= self.wsd_decay_fraction <= 1:
             raise ValueError(f"optim.wsd_decay_fraction must be in [0, 1], got {self.wsd_decay_fraction}")
 
@@ -187,6 +199,11 @@ class EvalConfig:
     interval: int = _f(100, "run validation every N steps (0: never; it always runs at the end if iters > 0)")
     iters: int = _f(10, "validation global batches per evaluation (the same samples every time)")
 
+    def validate(self) -> None:
+        for key in ("interval", "iters"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+
 
 @dataclass
 class LogConfig:
@@ -199,6 +216,14 @@ class LogConfig:
         None, "device peak TFLOP/s for MFU (default: the bf16 peak of known GPUs; none on CPU)"
     )
 
+    def validate(self) -> None:
+        _positive("log.interval", self.interval)
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"log.peak_tflops must be > 0, got {self.peak_tflops}")
+
+
+RESUME_CHANGES = ("seq_length", "global_batch_size", "base_model")
+
 
 @dataclass
 class CheckpointConfig:
@@ -209,8 +234,18 @@ class CheckpointConfig:
     )
     keep_last_n: int | None = _f(None, "keep only the newest N checkpoints (none: keep all)")
     save_hf: bool = _f(False, "also write a Hugging Face folder (fp32) iter_NNNNNNN/hf/ per checkpoint")
+    allow_changes: Any = _f(
+        [],
+        "on resume, what may differ from the checkpoint on purpose: seq_length, global_batch_size, "
+        "base_model (otherwise a mismatch with the checkpoint's run_state.json is an error)",
+    )
 
     def validate(self) -> None:
+        changes = self.allow_changes
+        if not isinstance(changes, list) or any(c not in RESUME_CHANGES for c in changes):
+            raise ValueError(
+                f"checkpoint.allow_changes={changes!r} must be a list of {', '.join(RESUME_CHANGES)}"
+            )
         if self.save_interval < 0:
             raise ValueError(f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
         if self.keep_last_n is not None and self.keep_last_n < 1:
@@ -284,8 +319,10 @@ class Config:
             check = getattr(getattr(self, section.name), "validate", None)
             if check:
                 check()
-        if self.distributed.reduce_dtype == "bf16" and self.train.precision != "bf16":
-            raise ValueError("distributed.reduce_dtype=bf16 needs train.precision=bf16")
+        if self.distributed.reduce_dtype == "bf16" and self.train.precision == "fp32":
+            raise ValueError(
+                "distributed.reduce_dtype=bf16 needs train.precision=bf16 (or auto on bf16 hardware)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,7 +55,7 @@ def test_assistant_loss_falls_during_tuning(tmp_path, tiny_mixtral):
 def test_inspect_chat_and_pretrain_configs(tmp_path, tiny_mixtral, tiny_dataset, capsys):
     chat_cfg = write_config(tmp_path, tiny_mixtral, _chat_files(tmp_path), *CHAT)
     assert main(["inspect", str(chat_cfg), "--index", "1", "--count", "2", "--json"]) == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]  # stdout holds JSON only
     assert [r["index"] for r in lines] == [1, 2]
     for r in lines:
         ids, labels, pos = r["input_ids"], r["labels"], r["position_ids"]
@@ -74,7 +74,7 @@ def test_inspect_chat_and_pretrain_configs(tmp_path, tiny_mixtral, tiny_dataset,
 
     pre_cfg = write_config(tmp_path, tiny_mixtral, tiny_dataset)
     assert main(["inspect", str(pre_cfg), "--json"]) == 0
-    (record,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    (record,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(record["input_ids"]) == 64 and record["labels"][:-1] == record["input_ids"][1:]
 
 

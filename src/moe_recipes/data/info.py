@@ -30,13 +30,23 @@ def _strip_suffix(prefix: str | os.PathLike) -> str:
     return text
 
 
-def largest_token_id(ds: IndexedDataset) -> int | None:
-    """Largest token id in the whole dataset (None when it holds no token)."""
+def largest_token_id(ds: IndexedDataset, max_tokens: int | None = None) -> int | None:
+    """Largest token id in the dataset (None when it holds no token).
+
+    With `max_tokens`, a dataset larger than that is sampled instead of read whole: 64 evenly spaced
+    windows, the first and last included, that add up to `max_tokens` tokens.
+    """
     total = ds.num_tokens
     if total == 0:
         return None
     flat = np.memmap(bin_path(ds.prefix), dtype=ds.dtype, mode="r")
-    return max(int(flat[i : i + MAX_SCAN_TOKENS].max()) for i in range(0, total, MAX_SCAN_TOKENS))
+    if max_tokens is None or total <= max_tokens:
+        starts, width = range(0, total, MAX_SCAN_TOKENS), MAX_SCAN_TOKENS
+    else:
+        windows = 64
+        width = max(1, max_tokens // windows)
+        starts = np.linspace(0, total - width, windows).astype(np.int64).tolist()
+    return max(int(flat[i : i + width].max()) for i in starts)
 
 
 def _sample_lines(

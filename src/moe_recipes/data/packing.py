@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -362,4 +363,4 @@ def _print_summary(
         lines.append(f"{first_epoch} samples per epoch")
     if t.epochs is not None:
         lines.append(f"train.epochs={t.epochs} -> {samples} samples -> train.iters={t.iters}")
-    print("; ".join(lines), flush=True)
+    print("; ".join(lines), file=sys.stderr, flush=True)

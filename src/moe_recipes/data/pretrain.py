@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -315,7 +316,9 @@ def load_or_build_index(
             try:
                 if not all(p.is_file() for p in paths.values()):
                     print(
-                        f"[moe-recipes] building sample index for {label} in {cache_dir}/{stem}_*", flush=True
+                        f"[moe-recipes] building sample index for {label} in {cache_dir}/{stem}_*",
+                        file=sys.stderr,
+                        flush=True,
                     )
                     t0 = time.perf_counter()
                     arrays = build()
@@ -327,7 +330,11 @@ def load_or_build_index(
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     if not built:
-        print(f"[moe-recipes] reusing sample index for {label} from {cache_dir}/{stem}_*", flush=True)
+        print(
+            f"[moe-recipes] reusing sample index for {label} from {cache_dir}/{stem}_*",
+            file=sys.stderr,
+            flush=True,
+        )
     return {name: np.load(path, mmap_mode="r", allow_pickle=False) for name, path in paths.items()}, built
 
 
@@ -518,7 +525,9 @@ def _build_split(
             parts.append((weight, ds, doc_range))
         elif len(blend) > 1:
             print(
-                f"[moe-recipes] {name} split: {prefix} has no tokens in it; left out of the blend", flush=True
+                f"[moe-recipes] {name} split: {prefix} has no tokens in it; left out of the blend",
+                file=sys.stderr,
+                flush=True,
             )
     if not parts:
         return None

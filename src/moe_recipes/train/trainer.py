@@ -8,11 +8,13 @@ the process exit code: 0 when done or stopped cleanly by SIGTERM/SIGINT, 3 on a 
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ from moe_recipes.models.balancing import check_bias_update, measure_global_load,
 from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
 from moe_recipes.models.loading import load_model
+from moe_recipes.precision import resolve_precision
 from moe_recipes.train import checkpoint as ckpt_io
 from moe_recipes.train.engine import deepspeed_config, gradient_accumulation_steps, initialize, set_lr
 from moe_recipes.train.fsdp_engine import initialize_fsdp
@@ -39,6 +42,8 @@ from moe_recipes.train.metrics import (
     peak_memory_gb,
 )
 from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective, loss_chunk_tokens
+from moe_recipes.train.preflight import preflight
+from moe_recipes.train.preflight import report as report_preflight
 from moe_recipes.train.schedule import lr_at
 from moe_recipes.train.signals import StopRequest
 
@@ -81,11 +86,16 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: Config) -> Run:
-    env = init_distributed(backend=cfg.distributed.backend, timeout_minutes=cfg.distributed.timeout_minutes)
+    checks = preflight(cfg)  # paths, data, vocabulary, resume: before anything that takes time
+    use_ds = cfg.distributed.engine == "deepspeed"
+    env = init_distributed(
+        backend=cfg.distributed.backend, timeout_minutes=cfg.distributed.timeout_minutes, use_deepspeed=use_ds
+    )
     device = device_for(env)
+    precision = _resolve_precision(cfg, device)
+    report_preflight(checks, env.rank == 0)
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
-    use_ds = cfg.distributed.engine == "deepspeed"
     ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
     keep_alive: list[Any] = []
     if use_ds and cfg.distributed.zero_stage == 3:
@@ -154,20 +164,29 @@ def setup(cfg: Config) -> Run:
             f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
             f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
             f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}; "
-            f"trainable parameters {params.trainable:,} of {params.total:,}; {cfg.train.precision}, "
-            f"gradients reduced in {reduce}"
+            f"trainable parameters {params.trainable:,} of {params.total:,}; "
+            f"precision {precision}, gradients reduced in {reduce}"
         )
-    _maybe_resume(run)
+    _maybe_resume(run, checks.resume_from)
     return run
 
 
-def _maybe_resume(run: Run) -> None:
-    load = run.cfg.checkpoint.load
-    if not load:
-        return
-    ckpt = ckpt_io.resolve_checkpoint(load)
+def _resolve_precision(cfg: Config, device: torch.device) -> str:
+    """Resolve train.precision for this device (in cfg, so every component sees bf16 or fp32);
+    returns the description for the start-up line."""
+    requested = cfg.train.precision
+    choice = resolve_precision(requested, device)
+    if cfg.distributed.reduce_dtype == "bf16" and not choice.bf16:
+        raise ValueError(
+            f"distributed.reduce_dtype=bf16 needs bf16 compute, but train.precision={requested} "
+            f"resolved to fp32 here ({choice.reason})"
+        )
+    cfg.train.precision = choice.name
+    return choice.describe(requested)
+
+
+def _maybe_resume(run: Run, ckpt: Path | None) -> None:
     if ckpt is None:
-        run.print(f"[moe-recipes] no checkpoint in {load} yet: starting from {run.cfg.model.path}")
         return
     state = ckpt_io.load_checkpoint(run.engine, ckpt)
     run.iteration = int(state["iteration"])
@@ -359,7 +378,7 @@ def _save(run: Run) -> None:
         "zero_stage": run.cfg.distributed.zero_stage if run.cfg.distributed.engine == "deepspeed" else None,
         "global_batch_size": run.cfg.train.global_batch_size,
         "seq_length": run.cfg.data.seq_length,
-        "base_model": run.cfg.model.path,
+        "base_model": os.path.abspath(run.cfg.model.path),
         "model_type": run.engine.module.model.config.model_type,
     }
     path = ckpt_io.save_checkpoint(run.engine, run.cfg, run.iteration, state)

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 
-.PHONY: setup system-deps demo test test-slow lint bench clean
+.PHONY: setup system-deps demo test test-install test-slow lint bench clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,20 @@ $(STAMP): pyproject.toml constraints.txt
 	  $(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)); \
 	fi
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
-	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt --no-build-isolation -e ".[deepspeed]"
 	touch $(STAMP)
+
+# A user's install: `pip install .` and the DeepSpeed extra, no dev extras, in its own venv; then every
+# documented command and each engine / ZeRO stage once (tests/install_smoke.py). CI runs it.
+INSTALL_VENV ?= .venv-install
+test-install:
+	rm -rf $(INSTALL_VENV) install_smoke
+	python3 -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(INSTALL_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(INSTALL_VENV)/bin/python -m pip install -q -c constraints.txt .
+	DS_BUILD_OPS=0 $(INSTALL_VENV)/bin/python -m pip install -q -c constraints.txt --no-build-isolation ".[deepspeed]"
+	$(INSTALL_VENV)/bin/python tests/install_smoke.py . install_smoke
 
 # Open MPI (for the mpirun launch test); installed from the system's packages when missing.
 system-deps:
@@ -53,4 +65,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf demo_out runs .pytest_cache
+	rm -rf demo_out runs .pytest_cache install_smoke $(INSTALL_VENV)

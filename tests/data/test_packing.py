@@ -69,7 +69,8 @@ def test_collator_pads_with_pad_id_and_resets_positions():
     }
     b = {"input_ids": np.array([5, 6]), "labels": np.array([6, -100]), "position_ids": np.array([0, 1])}
     packed = ChatCollator(pad_id=2, packed=True)([a, b])
-    assert set(packed) == {"input_ids", "labels", "position_ids"}
+    assert set(packed) == {"input_ids", "labels", "position_ids", "real_tokens"}
+    assert packed["real_tokens"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # the padded tail, for router stats
     assert packed["input_ids"][1].tolist() == [5, 6, 2, 2]
     assert packed["labels"][1].tolist() == [6, -100, -100, -100]
     assert packed["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
@@ -80,6 +81,7 @@ def test_collator_pads_with_pad_id_and_resets_positions():
 
 def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     labels = batch.pop("labels")
+    batch.pop("real_tokens", None)  # the objective's, not the model's
     logits = model(
         **batch, use_cache=False
     ).logits.float()  # packed detection needs no cache (as in training)

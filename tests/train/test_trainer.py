@@ -257,3 +257,38 @@ def test_sigterm_finishes_the_step_saves_and_resumes(tmp_path, tiny_mixtral, tin
     step = state["iteration"]
     assert f"resumed from {ckpt / f'iter_{step:07d}'}" in resumed.stdout
     assert (ckpt / "latest").read_text().strip() == f"iter_{step + 1:07d}"
+
+
+SYNC_METHODS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_host_sync_per_step(tmp_path, tiny_mixtral, tiny_dataset, monkeypatch, engine):
+    """The step reads the device once (loss parts, counts and flags in one copy), whatever the accumulation."""
+    from moe_recipes.train import trainer as trainer_mod
+
+    cfg = make_config(
+        tmp_path, tiny_mixtral, tiny_dataset, "train.global_batch_size=8", "train.iters=2",
+        f"distributed.engine={engine}",
+    )  # fmt: skip
+    run = trainer_mod.setup(cfg)
+    batches = trainer_mod._train_batches(run)
+    micro = [next(batches) for _ in range(run.grad_accum)]
+    assert run.grad_accum == 4
+    calls: list[str] = []
+    src = os.path.join("moe_recipes", "")
+    for name in SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if src in caller:  # our code, not torch's or transformers' internals
+                calls.append(f"{_name} from {os.path.basename(caller)}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = trainer_mod.train_step(run, micro, trainer_mod.StopRequest())
+    monkeypatch.undo()
+    assert len(calls) == 1, calls
+    assert math.isfinite(result["lm_loss"]) and result["real_tokens"] == 8 * 64
+    run.writer.close()

@@ -7,7 +7,9 @@
   that restart at every conversation.
 * `ChatCollator`: pads a micro-batch with the tokenizer's pad id (labels -100 there). Packed batches carry
   restarting `position_ids` and no attention mask, so transformers treats each conversation as a separate
-  sequence and attention never crosses one; unpacked batches carry a 2D attention mask (0 on padding).
+  sequence and attention never crosses one, plus `real_tokens` (0 on the padded tails) that only the
+  objective reads, to leave padding out of the router statistics; unpacked batches carry a 2D attention
+  mask (0 on padding).
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class ChatCollator:
         batch = {"input_ids": input_ids, "labels": labels}
         if self.packed:
             batch["position_ids"] = positions
+            batch["real_tokens"] = mask  # not for the model: keeps padded tails out of router statistics
         else:
             batch["attention_mask"] = mask
         return batch

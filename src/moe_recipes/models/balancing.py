@@ -145,7 +145,8 @@ def sequence_loss(
     f = counts * num_experts / (top_k * lengths.clamp(min=1))[:, None]  # (B, E), sums to E per sequence
     p = (scores * keep[..., None]).sum(dim=1) / lengths.clamp(min=1)[:, None]  # (B, E)
     per_sequence = (f * p).sum(dim=-1)
-    return per_sequence[rows].mean() if bool(rows.any()) else per_sequence.sum() * 0.0
+    # empty rows contribute 0; dividing by the non-empty count averages without a host sync
+    return per_sequence.sum() / rows.sum().clamp_min(1)
 
 
 def _uses_sigmoid(router: nn.Module) -> bool:

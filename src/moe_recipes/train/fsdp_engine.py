@@ -88,7 +88,7 @@ class FSDPEngine:
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
         self.micro_steps = 0  # micro-batches finished (step() calls) since the start of this process
-        self._grad_norm: float | None = None
+        self._grad_norm: torch.Tensor | float | None = None
 
     def __call__(self, **batch: Any) -> dict[str, torch.Tensor]:
         return self.module(**batch)
@@ -119,8 +119,9 @@ class FSDPEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _clip(self) -> float:
-        """The global (pre-clipping) gradient norm over all ranks; clips to `grad_clip` when > 0."""
+    def _clip(self) -> torch.Tensor | float:
+        """The global (pre-clipping) gradient norm over all ranks; clips to `grad_clip` when > 0.
+        Returned as a tensor, so reading it (a host sync) is left to whoever logs it."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         if not params:
             return 0.0
@@ -128,9 +129,9 @@ class FSDPEngine:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        return float(norm)
+        return norm.detach()
 
-    def get_global_grad_norm(self) -> float | None:
+    def get_global_grad_norm(self) -> torch.Tensor | float | None:
         return self._grad_norm
 
     def _state_dicts(self) -> dict[str, Any]:

@@ -32,13 +32,16 @@ def loss_chunk_tokens(configured: int | None, vocab_size: int) -> int:
     return max(64, CHUNK_LOGIT_BYTES // (4 * vocab_size) // 64 * 64)
 
 
-def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(batch * seq,) bool, true on real tokens, from a 2D padding mask; None when there is no padding
-    (no mask, an all-ones mask, or a 4D attention mask, which packed batches use instead of padding rows)."""
-    if attention_mask is None or attention_mask.dim() != 2:
+def token_mask(
+    attention_mask: torch.Tensor | None, real_tokens: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """(batch * seq,) bool, true on real tokens: `real_tokens` (what packed batches carry, whose padded
+    tails are not in any attention mask), else a 2D padding mask; None when the batch has no padding.
+    Never asks the device whether the mask is all true (that would be a host sync per micro-batch)."""
+    mask = real_tokens if real_tokens is not None else attention_mask
+    if mask is None or mask.dim() != 2:
         return None
-    mask = attention_mask.reshape(-1) != 0
-    return None if bool(mask.all()) else mask
+    return mask.reshape(-1) != 0
 
 
 class CausalLMObjective(nn.Module):
@@ -94,9 +97,13 @@ class CausalLMObjective(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        real_tokens: torch.Tensor | None = None,
         route_only: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """The loss parts; with `route_only` just the per-layer expert counts (decoder forward, no head)."""
+        """The loss parts; with `route_only` just the per-layer expert counts (decoder forward, no head).
+
+        `real_tokens` (batch, seq), 1 on real input and 0 on padding, is what packed chat batches carry
+        instead of a padding mask: the router statistics leave their padded tails out."""
         if self.capture is not None:
             self.capture.clear()
         with self._autocast(input_ids.device):
@@ -107,7 +114,7 @@ class CausalLMObjective(nn.Module):
             if not route_only:
                 loss_sum, n_tokens = self._lm_loss(hidden, labels)
         captured = self.capture.layers() if self.capture is not None else []
-        mask = _padding_mask(attention_mask)
+        mask = token_mask(attention_mask, real_tokens)
         counts = expert_counts(captured, self.info.num_experts, mask) if captured else torch.zeros(0, 0)
         if route_only:
             return {"expert_counts": counts}

@@ -226,54 +226,77 @@ def _all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.cpu()
 
 
-def _count_tokens(micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
-    """Tokens with a label in the whole global batch (all micro-batches of all ranks)."""
-    local = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    return _all_reduce(torch.tensor([float(local)], dtype=torch.float64), device)[0].item()
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """All-reduce in place on the tensor's device; no host sync (NCCL runs it on the stream)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
 
 
-def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> dict[str, Any]:
-    """Forward, loss parts and backward for every micro-batch, then one optimizer step."""
+def _token_counts(micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(2,) float64 on the batches' device, summed over micro-batches (not yet over ranks): tokens with a
+    label, and real input tokens (padding left out; packed batches say which through `real_tokens`)."""
+    labelled = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
+    real = sum(_real_token_count(mb) for mb in micro_batches)
+    return torch.stack([torch.as_tensor(labelled), torch.as_tensor(real)]).double()
+
+
+def _real_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch.get("real_tokens")
+    if mask is None and batch.get("attention_mask") is not None and batch["attention_mask"].dim() == 2:
+        mask = batch["attention_mask"]
+    if mask is None:
+        return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+    return (mask != 0).sum()
+
+
+# Loss parts summed over micro-batches and ranks, in this order (one tensor, one all-reduce)
+_PARTS = ("lm_loss_sum", "aux_loss", "z_loss", "nonfinite", "stop", "global_aux_loss", "seq_aux_loss")
+
+
+def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], stop: StopRequest) -> dict[str, Any]:
+    """Forward, loss parts and backward for every micro-batch, then one optimizer step.
+
+    Loss parts stay on the device until one all-reduce after the last backward; its copy to the host is
+    the step's one synchronisation, and it comes before the optimizer step, so the non-finite check is
+    exact (a non-finite loss on any rank or micro-batch stops or skips the whole step everywhere).
+    """
     engine = run.engine
-    micro_batches = [next(batches) for _ in range(run.grad_accum)]
-    global_tokens = max(_count_tokens(micro_batches, run.device), 1.0)
+    n = run.grad_accum * run.env.world_size
+    tokens = _sum_over_ranks(_token_counts(micro_batches))  # (labelled, real) over the global batch
     # DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients over
     # ranks; this factor turns that into a sum over every token of the global batch / its token count.
-    lm_scale = run.grad_accum * run.env.world_size / global_tokens
+    lm_scale = (n / tokens[0].clamp_min(1.0)).float()
     if engine.module.coefs.global_batch:  # route the step's micro-batches first: exact global expert load
         engine.module.global_load = measure_global_load(
             lambda b: engine(**b, route_only=True)["expert_counts"],
             micro_batches,
             run.info.top_k,
-            run.grad_accum * run.env.world_size,
+            n,
             lambda t: _all_reduce(t, run.device),
         )
-    # lm loss sum, aux, z, non-finite count, stop requests, global-batch aux (summed), sequence aux
-    sums = torch.zeros(7, dtype=torch.float64)
-    counts = torch.zeros(0)
+    sums: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
     for micro, batch in enumerate(micro_batches):
         if micro > 0:
             engine.step()  # DeepSpeed counts micro-steps here; it updates only at the accumulation boundary
         out = engine(**batch)
         loss = out["lm_loss_sum"] * lm_scale + out["moe_loss"]
         engine.backward(loss)
-        finite = bool(torch.isfinite(loss.detach()).item())
-        parts = [
-            out["lm_loss_sum"].item(),
-            out["aux_loss"].item(),
-            out["z_loss"].item(),
-            float(not finite),
-            0.0,
-            out["global_aux_loss"].item(),
-            out["seq_aux_loss"].item(),
-        ]
-        sums += torch.tensor(parts, dtype=torch.float64)
-        counts = out["expert_counts"].double() if counts.numel() == 0 else counts + out["expert_counts"]
-    sums[4] = 1.0 if stop.requested else 0.0
-    sums = _all_reduce(sums, run.device)
-    if counts.numel():
-        counts = _all_reduce(counts, run.device)
-    nonfinite = sums[3].item() > 0
+        out["nonfinite"] = (~torch.isfinite(loss.detach())).float()
+        out["stop"] = torch.zeros((), device=loss.device)
+        parts = torch.stack([out[k].detach().double().reshape(()) for k in _PARTS])
+        sums = parts if sums is None else sums + parts
+        step_counts = out["expert_counts"].double()
+        counts = step_counts if counts is None else counts + step_counts
+    assert sums is not None and counts is not None  # grad_accum >= 1
+    sums[_PARTS.index("stop")] = 1.0 if stop.requested else 0.0
+    flat = _sum_over_ranks(torch.cat([sums, counts.to(sums.device).reshape(-1)]))
+    host = torch.cat([flat, tokens.to(flat.device)]).tolist()  # the step's one host sync
+    totals = dict(zip(_PARTS, host[: len(_PARTS)], strict=True))
+    counts = torch.tensor(host[len(_PARTS) : -2], dtype=torch.float64).reshape(counts.shape)
+    global_tokens, real_tokens = max(host[-2], 1.0), host[-1]
+    nonfinite = totals["nonfinite"] > 0
     lr = lr_at(run.iteration, run.cfg.optim, run.cfg.train.iters)
     set_lr(engine, lr)
     if nonfinite and run.cfg.train.nan_policy == "skip":
@@ -285,26 +308,26 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], stop: StopR
         engine.step()
     if run.cfg.moe.bias_update_rate and not nonfinite:  # every rank: same all-reduced counts, same update
         update_routing_bias(run.info, counts, run.cfg.moe.bias_update_rate)
-    n = run.grad_accum * run.env.world_size
-    grad_norm = local_norm if local_norm is not None else engine.get_global_grad_norm()
     return {
-        "lm_loss": sums[0].item() / global_tokens,
-        "aux_loss": sums[1].item() / n,
-        "z_loss": sums[2].item() / n,
-        "global_aux_loss": sums[5].item(),
-        "seq_aux_loss": sums[6].item() / n,
+        "lm_loss": totals["lm_loss_sum"] / global_tokens,
+        "aux_loss": totals["aux_loss"] / n,
+        "z_loss": totals["z_loss"] / n,
+        "global_aux_loss": totals["global_aux_loss"],
+        "seq_aux_loss": totals["seq_aux_loss"] / n,
         "nonfinite": nonfinite,
-        "stop": sums[4].item() > 0,
+        "stop": totals["stop"] > 0,
         "lr": lr,
         "expert_counts": counts,
-        "grad_norm": None if grad_norm is None else float(grad_norm),
+        # a tensor (or DeepSpeed's number): read only when the step is logged
+        "grad_norm": local_norm if local_norm is not None else engine.get_global_grad_norm(),
         "tokens": global_tokens,
+        "real_tokens": real_tokens,
     }
 
 
-def _grad_norm(engine: Any) -> float:
+def _grad_norm(engine: Any) -> torch.Tensor | float:
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return torch.nn.utils.get_total_norm(grads) if grads else 0.0
 
 
 def evaluate(run: Run) -> float | None:
@@ -337,7 +360,7 @@ def evaluate(run: Run) -> float | None:
 
 def _record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
     cfg = run.cfg
-    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    tokens = result["real_tokens"]  # input tokens that are not padding (what the model really computes on)
     tflops = run.flops_per_token * tokens / seconds / run.env.world_size / 1e12
     peak = cfg.log.peak_tflops or device_peak_tflops()
     use_aux = bool(run.info.routers)
@@ -353,8 +376,10 @@ def _record(run: Run, result: dict[str, Any], seconds: float) -> dict[str, Any]:
         "global_aux_loss": result["global_aux_loss"] if run.engine.module.coefs.global_batch else None,
         "seq_aux_loss": result["seq_aux_loss"] if run.engine.module.coefs.sequence else None,
         "lr": result["lr"],
-        "grad_norm": result["grad_norm"],
+        "grad_norm": None if result["grad_norm"] is None else float(result["grad_norm"]),
         "tokens_per_s": tokens / seconds,
+        "real_tokens": result["real_tokens"],
+        "labelled_tokens": result["tokens"],
         "tflops_per_device": tflops,
         "mfu": tflops / peak if peak else None,
         "step_time": seconds,
@@ -411,7 +436,8 @@ def _loop(run: Run, stop: StopRequest) -> int:
     exit_at = run.iteration + cfg.train.exit_interval if cfg.train.exit_interval else None
     while run.iteration < cfg.train.iters:
         start = time.perf_counter()
-        result = train_step(run, batches, stop)
+        micro_batches = [next(batches) for _ in range(run.grad_accum)]
+        result = train_step(run, micro_batches, stop)
         if result["nonfinite"] and cfg.train.nan_policy == "stop":
             run.print(
                 f"[moe-recipes] non-finite loss (lm {result['lm_loss']}) at step {run.iteration + 1}: "
@@ -422,8 +448,8 @@ def _loop(run: Run, stop: StopRequest) -> int:
         run.consumed_samples += cfg.train.global_batch_size
         if result["nonfinite"]:
             run.print(f"[moe-recipes] non-finite loss at step {run.iteration}: update skipped")
-        record = _record(run, result, time.perf_counter() - start)
         if run.iteration % cfg.log.interval == 0 or run.iteration == cfg.train.iters:
+            record = _record(run, result, time.perf_counter() - start)
             run.writer.log(record)
             line = console_line(record, cfg.train.iters)
             if bar:

@@ -244,6 +244,44 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, iters=args.iters)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="estimate the per-GPU memory of a training config and whether it fits",
+        description="Estimate what one GPU holds at the peak of a training step of CONFIG (parameters, "
+        "gradients, optimizer states, gathered layers, activations, LM-head buffers) for its engine, "
+        "ZeRO stage or FSDP2 sharding, offload and precision, and say whether it fits with 10%% headroom. "
+        "The model is built on the meta device from model.path/config.json, so no weights are needed. "
+        "The hardware is not in the config: it is 1 node x 8 GPUs of 80 GiB unless --nodes, --gpus and "
+        "--gpu-memory say otherwise. Exits 0 whether or not the run fits (the verdict is printed).",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: 8)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="GiB per GPU (default: 80)")
+    p.add_argument("--json", action="store_true", help="print only the plan as JSON")
+    p.set_defaults(handler=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from moe_recipes.config import load_config
+    from moe_recipes.train.plan import Hardware, plan
+    from moe_recipes.train.plan_report import format_json, format_plan
+
+    cfg = load_config(args.config, args.overrides, validate=False)
+    cfg.data.path = cfg.data.path or "unused"  # planning reads no data
+    cfg.validate()
+    given = {"gpus_per_node": args.gpus, "nodes": args.nodes, "gpu_memory_gb": args.gpu_memory}
+    hardware = Hardware(**{k: v for k, v in given.items() if v is not None})
+    defaults = {"gpus_per_node": "--gpus 8", "nodes": "--nodes 1", "gpu_memory_gb": "--gpu-memory 80"}
+    assumed = ", ".join(defaults[k] for k, v in given.items() if v is None)
+    result = plan(cfg, cfg.model.path, hardware)
+    assumed = f"assumed {assumed}" if assumed else ""
+    print(format_json(result, assumed) if args.json else format_plan(result, assumed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-recipes",
@@ -251,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Face format. Run `moe-recipes COMMAND --help` for each command's flags.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_prepare, _add_data_info, _add_init_model, _add_train, _add_demo):
+    for add in (_add_prepare, _add_data_info, _add_init_model, _add_train, _add_plan, _add_demo):
         add(sub)
     for add in _extra_commands():
         add(sub)

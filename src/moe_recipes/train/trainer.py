@@ -42,6 +42,7 @@ from moe_recipes.train.metrics import (
     peak_memory_gb,
 )
 from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective, loss_chunk_tokens
+from moe_recipes.train.plan_report import warn_if_over_memory
 from moe_recipes.train.preflight import preflight
 from moe_recipes.train.preflight import report as report_preflight
 from moe_recipes.train.schedule import lr_at
@@ -103,6 +104,8 @@ def setup(cfg: Config) -> Run:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive.append(HfDeepSpeedConfig(ds_config))
+    if env.rank == 0 and (note := warn_if_over_memory(cfg, cfg.model.path, env.world_size, device)):
+        print(note, file=sys.stderr, flush=True)
     model = load_model(
         cfg.model.path,
         attn_implementation=cfg.model.attn_implementation,

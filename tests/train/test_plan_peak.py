@@ -1,0 +1,95 @@
+"""The memory plan against the peak memory of real training runs on CPU (one process per run).
+
+Separate from test_plan.py because it trains: four fresh processes, about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_recipes.config import load_config
+from moe_recipes.train.plan import Hardware, plan
+
+from .utils import write_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The plan is for the steady state: step 2 runs its forward with the optimizer states of step 1 alive.
+# Tiny models whose model state (tens of MB of parameters, 16+ bytes each) dominates interpreter noise.
+TINY = {
+    "mixtral-bf16-ckpt": (
+        dict(arch="mixtral", hidden_size=384, num_layers=4, num_experts=8, expert_intermediate_size=768),
+        ["train.precision=bf16", "train.activation_checkpointing=true"],
+    ),
+    "qwen2-fp32": (
+        dict(arch="qwen2_moe", hidden_size=384, num_layers=4, num_experts=8, expert_intermediate_size=512),
+        ["train.precision=fp32", "train.micro_batch_size=4", "data.seq_length=128"],
+    ),
+}
+ENGINES = {"zero2": ["distributed.zero_stage=2"], "fsdp2": ["distributed.engine=fsdp2"]}
+MEASURE_TOLERANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from moe_recipes.models.init import init_model
+
+    out = {}
+    for name, (spec, _) in TINY.items():
+        folder = tmp_path_factory.mktemp("plan_models") / name
+        out[name] = init_model(
+            tokenizer_dir=str(REPO / "demo" / "tokenizer"),
+            output_dir=str(folder),
+            num_heads=4,
+            top_k=2,
+            max_position_embeddings=512,
+            **spec,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured_runs(tmp_path_factory, tiny_models, tiny_dataset):
+    """(planned bytes, measured peak growth) of every tiny model x engine, the runs started together.
+
+    Each run is a fresh process (`peak_probe.py`): the peaks do not mix, and starting them at once keeps
+    the wall time of the four runs near that of two on two cores.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    started = {}
+    for name, (_, extra) in TINY.items():
+        for engine, engine_extra in ENGINES.items():
+            tmp = tmp_path_factory.mktemp(f"{name}-{engine}")
+            args = [*extra, *engine_extra, "train.iters=2", "eval.iters=1"]
+            path = write_config(tmp, tiny_models[name], tiny_dataset, *args)
+            cfg = load_config(path)
+            planned = plan(cfg, cfg.model.path, Hardware(gpus_per_node=1)).device_total
+            probe = [sys.executable, str(Path(__file__).parent / "peak_probe.py"), str(path)]
+            proc = subprocess.Popen(probe, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            started[name, engine] = (planned, proc)
+    results = {}
+    for key, (planned, proc) in started.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        measured = json.loads(out.strip().splitlines()[-1])
+        assert measured["rc"] == 0
+        results[key] = (planned, measured["growth"])
+    return results
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_plan_matches_measured_peak(measured_runs, name, engine):
+    planned, measured = measured_runs[name, engine]
+    print(f"{name} {engine}: planned {planned / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    assert planned == pytest.approx(measured, rel=MEASURE_TOLERANCE)

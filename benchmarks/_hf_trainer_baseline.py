@@ -4,7 +4,12 @@ Started by the benchmark as its own process (plain `python -m _hf_trainer_baseli
 `torchrun` for several), it trains the model folder for `--steps` optimizer steps and writes one JSON per
 rank (`OUT_rank<N>.json`) with the time of every step (from `on_step_begin` to `on_step_end`, i.e.
 forward, backward, clipping and optimizer step, without data loading and logging), the logged losses and
-the process's peak resident set size.
+the process's peak memory: its peak resident set size, and what `metrics.peak_memory_gb` (the function
+our trainer reports with) gives, i.e. `torch.cuda.max_memory_allocated()` when it trains on a GPU.
+
+It trains on the GPU when CUDA is available (one device per process, as accelerate assigns them), else
+on the CPU. `--attn-implementation` and `--gradient-checkpointing` (HF's recomputation of decoder layers,
+non-reentrant as our `train.activation_checkpointing` is) set what the GPU check compares.
 
 What it trains on is exactly what `moe-recipes train` trains on: the windows of `seq + 1` tokens that
 `build_pretrain_datasets` gives for the same data path, split, seed and cache folder, in the same order
@@ -31,6 +36,7 @@ from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from moe_recipes.data.pretrain import build_pretrain_datasets
+from moe_recipes.train.metrics import peak_memory_gb
 
 
 class WindowDataset(Dataset):
@@ -86,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--betas", type=float, nargs=2, required=True)
     p.add_argument("--eps", type=float, required=True)
     p.add_argument("--grad-clip", type=float, required=True)
+    p.add_argument("--attn-implementation", default="sdpa", help="sdpa (default) or flash_attention_2")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute decoder layers in backward"
+    )
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (ZeRO) for the multi-process run")
     p.add_argument("--output-dir", required=True, help="Trainer output_dir (nothing is saved there)")
     p.add_argument("--out", required=True, help="result prefix: writes OUT_rank<N>.json")
@@ -123,8 +133,10 @@ def training_arguments(args: argparse.Namespace, world_size: int) -> TrainingArg
         train_sampling_strategy="sequential",
         remove_unused_columns=False,
         seed=args.seed,
-        use_cpu=True,
-        ddp_backend="gloo" if world_size > 1 else None,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
         deepspeed=args.deepspeed,
         disable_tqdm=True,
     )
@@ -146,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"split {args.split!r} leaves no training documents in {args.data_path}")
     training_args = training_arguments(args, world_size)
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
+        args.model,
+        dtype=torch.float32,
+        attn_implementation=args.attn_implementation,
+        experts_implementation="grouped_mm",
     )
     model.config.output_router_logits = True
     model.config.use_cache = False
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "step_times": timer.step_times,
         "losses": timer.losses,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+        "peak_memory_gb": peak_memory_gb(),
+        "device": str(trainer.args.device),
     }
     Path(f"{args.out}_rank{rank}.json").write_text(json.dumps(record))
     return 0

@@ -85,6 +85,9 @@ class Result:
     peak_gb: float
     first_loss: float | None
     note: str = ""
+    # what the contender's own process reports (`metrics.peak_memory_gb`: CUDA max allocated on a GPU, the
+    # peak resident set elsewhere); for several processes, the largest of them
+    reported_peak_gb: float | None = None
 
     @property
     def timed(self) -> list[float]:
@@ -229,8 +232,14 @@ def run_job(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float)
 
 
 def ours_overrides(
-    setup: Setup, processes: int, precision: str, run_dir: Path, engine: str = "deepspeed"
+    setup: Setup,
+    processes: int,
+    precision: str,
+    run_dir: Path,
+    engine: str = "deepspeed",
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
+    """`moe-recipes train` overrides for `setup`; `extra` comes last, so it wins over the rest."""
     engine_keys = (
         [f"distributed.zero_stage={0 if processes == 1 else 2}"]
         if engine.startswith("deepspeed")
@@ -267,15 +276,20 @@ def ours_overrides(
         "log.tensorboard=false",
         "log.progress_bar=false",
         *engine_keys,
+        *extra,
     ]
 
 
-def run_ours(setup: Setup, processes: int, precision: str, engine: str = "deepspeed") -> Result:
-    """`moe-recipes train` with a generated YAML; step times and losses from its metrics.jsonl."""
+def run_ours(
+    setup: Setup, processes: int, precision: str, engine: str = "deepspeed", extra: tuple[str, ...] = ()
+) -> Result:
+    """`moe-recipes train` with a generated YAML; step times and losses from its metrics.jsonl.
+
+    `extra`: further `key=value` overrides (e.g. `train.activation_checkpointing=true`)."""
     from moe_recipes.config import load_config
 
     run_dir = setup.workdir / "runs" / f"ours_{engine}_{processes}p_{precision}"
-    cfg = load_config(None, ours_overrides(setup, processes, precision, run_dir / "log", engine))
+    cfg = load_config(None, ours_overrides(setup, processes, precision, run_dir / "log", engine, extra))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "log" / "metrics.jsonl").unlink(missing_ok=True)
     config_path = run_dir / "config.yaml"
@@ -292,13 +306,14 @@ def run_ours(setup: Setup, processes: int, precision: str, engine: str = "deepsp
     sharding = f"ZeRO-{cfg.distributed.zero_stage}" if engine.startswith("deepspeed") else "FSDP2"
     if cfg.distributed.reduce_dtype != "fp32":
         sharding += f", gradients reduced in {cfg.distributed.reduce_dtype}"
-    note = f"{sharding}; rank 0 reports {max(r['peak_mem_gb'] for r in steps):.2f} GB"
+    reported = max(r["peak_mem_gb"] for r in steps)
+    note = f"{sharding}; rank 0 reports {reported:.2f} GB"
     first_loss = steps[0]["loss"] if steps else None
     tokens = setup.batch * setup.seq
     name = {"deepspeed": "moe-recipes", "fsdp2": "moe-recipes/fsdp2", BF16_REDUCE: "moe-recipes/bf16red"}[
         engine
     ]
-    return Result(name, processes, precision, times, tokens, setup.warmup, peak, first_loss, note)
+    return Result(name, processes, precision, times, tokens, setup.warmup, peak, first_loss, note, reported)
 
 
 def hf_deepspeed_json(run_dir: Path) -> Path:
@@ -323,8 +338,12 @@ def hf_deepspeed_json(run_dir: Path) -> Path:
     return path
 
 
-def run_hf(setup: Setup, processes: int, precision: str, deepspeed: bool) -> Result:
-    """The HF Trainer helper (`_hf_trainer_baseline.py`) in its own process tree."""
+def run_hf(
+    setup: Setup, processes: int, precision: str, deepspeed: bool, extra_argv: tuple[str, ...] = ()
+) -> Result:
+    """The HF Trainer helper (`_hf_trainer_baseline.py`) in its own process tree.
+
+    `extra_argv`: further helper options (e.g. `--gradient-checkpointing`)."""
     mode = "deepspeed" if deepspeed else ("ddp" if processes > 1 else "plain")
     run_dir = setup.workdir / "runs" / f"hf_{processes}p_{precision}_{mode}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -366,6 +385,7 @@ def run_hf(setup: Setup, processes: int, precision: str, deepspeed: bool) -> Res
         str(run_dir / "trainer"),
         "--out",
         str(out),
+        *extra_argv,
     ]
     if deepspeed:
         argv += ["--deepspeed", str(hf_deepspeed_json(run_dir))]
@@ -388,8 +408,18 @@ def run_hf(setup: Setup, processes: int, precision: str, deepspeed: bool) -> Res
     )
     first_loss = rank0["losses"][0] if rank0["losses"] else None
     tokens = setup.batch * setup.seq
+    reported = max(r["peak_memory_gb"] for r in ranks)
     return Result(
-        "HF Trainer", processes, precision, rank0["step_times"], tokens, setup.warmup, peak, first_loss, note
+        "HF Trainer",
+        processes,
+        precision,
+        rank0["step_times"],
+        tokens,
+        setup.warmup,
+        peak,
+        first_loss,
+        note,
+        reported,
     )
 
 

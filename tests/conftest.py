@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real tokenizers and corpora beside the repository, tiny datasets and models."""
+"""Test fixtures: tiny datasets and models made from the real tokenizers and corpora in tests/assets."""
 
 from __future__ import annotations
 
@@ -8,23 +8,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-MIXTRAL_TOKENIZER = SHARED_DATA / "tokenizers" / "mixtral"
-DEEPSEEK_TOKENIZER = SHARED_DATA / "tokenizers" / "deepseek"
-CORPUS_EN = SHARED_DATA / "corpus" / "debian-reference.en.jsonl"
-CORPUS_JA = SHARED_DATA / "corpus" / "debian-reference.ja.jsonl"
+# Importing the assets checks they are all there (an error naming any missing file) and unpacks them.
+from .assets import CORPUS_EN, MIXTRAL_TOKENIZER
 
 # Two cores: keep every test process to one or two threads.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def pytest_collection_modifyitems(config, items):
-    if not SHARED_DATA.is_dir():
-        skip = pytest.mark.skip(reason=f"shared test data not found at {SHARED_DATA}")
-        for item in items:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

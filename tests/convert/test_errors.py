@@ -14,7 +14,7 @@ from moe_recipes.cli import main
 from moe_recipes.convert.hf import convert_checkpoint
 from moe_recipes.convert.hf_folder import TensorSpec, parse_size, plan_shards
 
-from ..conftest import MIXTRAL_TOKENIZER
+from ..assets import MIXTRAL_TOKENIZER
 from ..train.utils import make_config
 from .utils import SHORT, logits_of, make_base, probe_ids, weight_map
 

@@ -12,7 +12,7 @@ from moe_recipes.convert.hf import convert_checkpoint
 from moe_recipes.infer.perplexity import evaluate_perplexity
 from moe_recipes.models.init import ARCHITECTURES
 
-from ..conftest import MIXTRAL_TOKENIZER
+from ..assets import MIXTRAL_TOKENIZER
 from ..train.utils import make_config
 from .utils import (
     SHORT,

@@ -20,7 +20,9 @@ from moe_recipes.data.chat import (
     tokenize_chat,
 )
 
-TOKENIZERS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tokenizers"
+from ..assets import DEEPSEEK_TOKENIZER, MIXTRAL_TOKENIZER
+
+TOKENIZERS = {"mixtral": MIXTRAL_TOKENIZER, "deepseek": DEEPSEEK_TOKENIZER}
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -35,7 +37,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module", params=["mixtral", "deepseek"])
 def tokenizer(request):
-    return AutoTokenizer.from_pretrained(TOKENIZERS / request.param)
+    return AutoTokenizer.from_pretrained(TOKENIZERS[request.param])
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -70,7 +72,7 @@ def test_sample_labels_are_shifted_targets(tokenizer):
 def test_template_with_generation_markers_and_trimmed_content():
     """A ChatML-style template (header + <|im_end|> trailer, content trimmed): header untrained, trailer
     trained, the content found even though the template changes it."""
-    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "deepseek")
+    tok = AutoTokenizer.from_pretrained(DEEPSEEK_TOKENIZER)
     tok.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -90,8 +92,8 @@ def test_truncation_keeps_the_limit_and_reports(tokenizer):
 
 
 def test_pad_token_falls_back_to_eos():
-    mixtral = AutoTokenizer.from_pretrained(TOKENIZERS / "mixtral")
-    deepseek = AutoTokenizer.from_pretrained(TOKENIZERS / "deepseek")
+    mixtral = AutoTokenizer.from_pretrained(MIXTRAL_TOKENIZER)
+    deepseek = AutoTokenizer.from_pretrained(DEEPSEEK_TOKENIZER)
     assert mixtral.pad_token_id is None and pad_token_id(mixtral) == mixtral.eos_token_id
     assert pad_token_id(deepseek) == deepseek.pad_token_id != deepseek.eos_token_id
 

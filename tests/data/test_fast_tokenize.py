@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 import pytest
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
@@ -13,8 +12,11 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from moe_recipes.data import fast_tokenize as ft
 from moe_recipes.data.tokenizer import load_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-NAMES = ("mixtral", "deepseek")
+from ..assets import CORPUS_EN, CORPUS_JA, DEEPSEEK_TOKENIZER, MIXTRAL_TOKENIZER
+
+TOKENIZER_DIRS = {"mixtral": MIXTRAL_TOKENIZER, "deepseek": DEEPSEEK_TOKENIZER}
+CORPORA = {"en": CORPUS_EN, "ja": CORPUS_JA}
+NAMES = tuple(TOKENIZER_DIRS)
 
 ADVERSARIAL = [
     "", " ", "   ", "\t", "\n", "\r\n", " \n \t ", "a", " a", "a ", "  leading", "trailing  ",
@@ -38,7 +40,7 @@ ALPHABET = list(" \t\n\r▁ab Zx09１２_-.,!?'\"<>/|｜日本語カタ・、。
 
 @pytest.fixture(scope="module")
 def toks() -> dict:
-    return {name: load_tokenizer(DATA / "tokenizers" / name) for name in NAMES}
+    return {name: load_tokenizer(TOKENIZER_DIRS[name]) for name in NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def hf_ids(tok, texts: list[str]) -> list[list[int]]:
 
 
 def corpus_texts(lang: str) -> list[str]:
-    lines = (DATA / "corpus" / f"debian-reference.{lang}.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = CORPORA[lang].read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["text"] for line in lines]
 
 

@@ -16,8 +16,9 @@ from moe_recipes.data.chat import IGNORE_INDEX, chat_sample, tokenize_chat
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.packing import ChatCollator, epoch_order, pack_lengths, parse_chat_paths, train_table
 
+from ..assets import MIXTRAL_TOKENIZER as MIXTRAL
+
 REPO = Path(__file__).resolve().parents[2]
-MIXTRAL = REPO / ".." / "shared" / "data" / "tokenizers" / "mixtral"
 DEMO_CHAT = REPO / "demo" / "chat"
 
 

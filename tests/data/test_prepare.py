@@ -24,9 +24,10 @@ from moe_recipes.data.prepare import prepare_dataset
 from moe_recipes.data.tokenizer import bos_id, eod_id, load_tokenizer
 from tests.data.test_indexed import INT32_CODE, UINT16_CODE, expected_pointers, read_idx_with_struct
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-TOKENIZER_DIRS = {name: DATA / "tokenizers" / name for name in ("mixtral", "deepseek")}
-CORPORA = {lang: DATA / "corpus" / f"debian-reference.{lang}.jsonl" for lang in ("en", "ja")}
+from ..assets import CORPUS_EN, CORPUS_JA, DEEPSEEK_TOKENIZER, MIXTRAL_TOKENIZER
+
+TOKENIZER_DIRS = {"mixtral": MIXTRAL_TOKENIZER, "deepseek": DEEPSEEK_TOKENIZER}
+CORPORA = {"en": CORPUS_EN, "ja": CORPUS_JA}
 
 
 @pytest.fixture(scope="module")

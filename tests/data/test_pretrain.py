@@ -23,7 +23,7 @@ from moe_recipes.data.pretrain import (
     split_document_ranges,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+from ..assets import CORPUS_EN, MIXTRAL_TOKENIZER
 
 
 def write_docs(prefix: Path, docs: list[np.ndarray], dtype: type[np.generic] = np.int32) -> str:
@@ -353,8 +353,8 @@ def test_two_processes_build_once_and_agree(tmp_path: Path) -> None:
 
 def test_real_corpus_with_mixtral_tokenizer(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(SHARED_DATA / "tokenizers" / "mixtral")
-    lines = (SHARED_DATA / "corpus" / "debian-reference.en.jsonl").read_text(encoding="utf-8").splitlines()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MIXTRAL_TOKENIZER)
+    lines = CORPUS_EN.read_text(encoding="utf-8").splitlines()
     texts = [json.loads(line)["text"] for line in lines[:300]]
     docs = [np.array(ids + [tokenizer.eos_token_id]) for ids in tokenizer(texts)["input_ids"]]
     prefix = write_docs(tmp_path / "debian_text_document", docs, np.uint16)

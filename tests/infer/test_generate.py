@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moe_recipes.cli import main
 from moe_recipes.infer.generate import generate, generate_text, load_for_inference, prompt_ids
 
-from ..conftest import DEEPSEEK_TOKENIZER, MIXTRAL_TOKENIZER
+from ..assets import DEEPSEEK_TOKENIZER, MIXTRAL_TOKENIZER
 
 PROMPT = "The Debian package management system"
 

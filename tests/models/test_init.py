@@ -13,9 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moe_recipes.models.init import ARCHITECTURES, init_model, make_dims
 from moe_recipes.models.inspect import inspect_model
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-MIXTRAL_TOKENIZER = DATA / "tokenizers" / "mixtral"
-DEEPSEEK_TOKENIZER = DATA / "tokenizers" / "deepseek"
+from ..assets import CORPUS_EN, DEEPSEEK_TOKENIZER, MIXTRAL_TOKENIZER
+
 SMALL = {
     "hidden_size": 32,
     "num_heads": 4,
@@ -29,7 +28,7 @@ SMALL = {
 
 
 def _first_text() -> str:
-    with open(DATA / "corpus" / "debian-reference.en.jsonl") as f:
+    with open(CORPUS_EN) as f:
         return json.loads(f.readline())["text"][:400]
 
 

@@ -12,7 +12,8 @@ from transformers.utils import is_flash_attn_2_available
 from moe_recipes.models.init import init_model
 from moe_recipes.models.loading import load_model
 
-TOKENIZER = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tokenizers" / "mixtral"
+from ..assets import MIXTRAL_TOKENIZER as TOKENIZER
+
 SMALL = {
     "hidden_size": 32,
     "num_heads": 4,

@@ -12,7 +12,7 @@ from moe_recipes.models.inspect import inspect_model
 from moe_recipes.models.upcycle import upcycle, upcycle_model
 from moe_recipes.train.trainer import train
 
-from ..conftest import MIXTRAL_TOKENIZER
+from ..assets import MIXTRAL_TOKENIZER
 from ..train.utils import make_config, step_records
 
 

@@ -10,7 +10,7 @@ from moe_recipes.convert.hf import convert_checkpoint
 from moe_recipes.models.init import init_model
 from moe_recipes.train.trainer import train
 
-from ..conftest import MIXTRAL_TOKENIZER
+from ..assets import MIXTRAL_TOKENIZER
 from .utils import make_config, step_records
 
 

@@ -262,12 +262,14 @@ def test_cache_is_reused_and_keyed_by_inputs(tmp_path: Path, capsys: pytest.Capt
         data_path=prefix, split="9,1,0", seq_length=8, num_samples=(100, 10, 0), seed=1, cache_dir=cache
     )
     first = build_pretrain_datasets(**args)
-    assert "building" in capsys.readouterr().out and first[0].index_built and first[1].index_built
+    assert (
+        "building" in capsys.readouterr().err and first[0].index_built and first[1].index_built
+    )  # logs: stderr
     files = cache_files(cache)
     assert len(files) == 6  # doc/sample/shuffle index for train and valid
     second = build_pretrain_datasets(**args)
-    out = capsys.readouterr().out
-    assert "building" not in out and out.count("reusing") == 2
+    err = capsys.readouterr().err
+    assert "building" not in err and err.count("reusing") == 2
     assert not second[0].index_built and cache_files(cache) == files
     assert isinstance(second[0].shuffle_idx, np.memmap)
     np.testing.assert_array_equal(first[0].shuffle_idx, second[0].shuffle_idx)

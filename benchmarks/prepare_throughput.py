@@ -31,7 +31,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / ".." / "shared" / "data"
+sys.path.insert(0, str(REPO))
+from tests.assets import CORPUS_EN, CORPUS_JA, DEEPSEEK_TOKENIZER, MIXTRAL_TOKENIZER  # noqa: E402
+
+CORPORA = {"en": CORPUS_EN, "ja": CORPUS_JA}
+TOKENIZERS = {"mixtral": MIXTRAL_TOKENIZER, "deepseek": DEEPSEEK_TOKENIZER}
 
 _BASELINE_TOKENIZER = None
 
@@ -92,7 +96,7 @@ def build_corpus(lang: str, unit: str, megabytes: float, folder: Path) -> Path:
     unit "paragraph": every paragraph (text between blank lines) made its own document, which shows
     how both tools behave on corpora of short documents.
     """
-    source = (DATA / "corpus" / f"debian-reference.{lang}.jsonl").read_bytes()
+    source = CORPORA[lang].read_bytes()
     if unit == "paragraph":
         rows = []
         for line in source.decode("utf-8").splitlines():
@@ -169,7 +173,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name in args.tokenizers:
-            tokenizer_dir = str(DATA / "tokenizers" / name)
+            tokenizer_dir = str(TOKENIZERS[name])
             for lang, unit in [(lang, unit) for unit in args.units for lang in args.langs]:
                 path = build_corpus(lang, unit, args.mb, folder)
                 for workers in args.workers:

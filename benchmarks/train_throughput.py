@@ -40,7 +40,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO / ".." / "shared" / "data"
+sys.path.insert(0, str(REPO))
+from tests.assets import CORPUS_EN, CORPUS_JA, DEEPSEEK_TOKENIZER  # noqa: E402
+
 BENCH_DIR = Path(__file__).resolve().parent
 SPEED_GOAL = 1.2  # ours / HF tokens/s, at least
 MEMORY_GOAL = 0.7  # ours / HF peak memory per rank, at most
@@ -117,18 +119,12 @@ def prepare_data(workdir: Path) -> str:
     """Tokenize both Debian Reference corpora with the DeepSeek tokenizer (once); return the prefix."""
     from moe_recipes.data.prepare import output_prefix_for, prepare_dataset
 
-    corpus = SHARED_DATA / "corpus"
-    inputs = [corpus / "debian-reference.en.jsonl", corpus / "debian-reference.ja.jsonl"]
-    for path in inputs:
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {path} not found (expected ../shared/data beside the repo)")
+    inputs = [CORPUS_EN, CORPUS_JA]
     out = workdir / "data" / "debian"
     prefix = output_prefix_for(out, "text")
     if not Path(f"{prefix}.idx").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        stats = prepare_dataset(
-            [str(p) for p in inputs], str(SHARED_DATA / "tokenizers" / "deepseek"), str(out), append_eod=True
-        )
+        stats = prepare_dataset([str(p) for p in inputs], str(DEEPSEEK_TOKENIZER), str(out), append_eod=True)
         print(f"prepared {stats.documents} documents, {stats.tokens} tokens -> {prefix}", flush=True)
     return prefix
 
@@ -142,7 +138,7 @@ def prepare_model(workdir: Path, args: argparse.Namespace) -> str:
     if not (out / "config.json").is_file():
         init_model(
             arch="qwen2_moe",
-            tokenizer_dir=str(SHARED_DATA / "tokenizers" / "deepseek"),
+            tokenizer_dir=str(DEEPSEEK_TOKENIZER),
             output_dir=str(out),
             hidden_size=args.hidden,
             expert_intermediate_size=args.expert_intermediate,

@@ -42,13 +42,13 @@ def test_corpora_have_every_document(path: Path, count: int) -> None:
 
 def test_cache_is_inside_the_repository_and_ignored() -> None:
     for path in assets.MATERIALIZED:
-        assert path.is_relative_to(REPO / "tests" / ".assets")
+        assert path.is_relative_to(REPO / ".test-assets")
     out = subprocess.run(
         ["git", "check-ignore", "-q", str(CORPUS_JA)], cwd=REPO, capture_output=True, check=False
     )
     if out.returncode == 128:  # not a git checkout (e.g. an exported tree): nothing to check
         return
-    assert out.returncode == 0, "tests/.assets/ must be git-ignored"
+    assert out.returncode == 0, ".test-assets/ must be git-ignored"
 
 
 def _import_assets(repo: Path) -> subprocess.CompletedProcess:
@@ -78,9 +78,9 @@ def _copy_repo_subset(root: Path) -> Path:
 def test_unpacks_once_and_again_when_stale(tmp_path: Path) -> None:
     root = _copy_repo_subset(tmp_path)
     assert _import_assets(root).returncode == 0
-    cached = root / "tests" / ".assets" / "corpus" / "debian-reference.ja.jsonl"
+    cached = root / ".test-assets" / "corpus" / "debian-reference.ja.jsonl"
     assert cached.read_bytes() == CORPUS_JA.read_bytes()
-    assert not list((root / "tests" / ".assets").rglob("*.tmp"))
+    assert not list((root / ".test-assets").rglob("*.tmp"))
     mtime = cached.stat().st_mtime_ns
     assert _import_assets(root).returncode == 0
     assert cached.stat().st_mtime_ns == mtime  # reused, not written again

@@ -6,8 +6,8 @@ large (see README.md here). Importing this module
 
 - checks that every shipped file is there: a missing one raises FileNotFoundError naming it (a test
   error, never a skip);
-- unpacks the compressed ones into the git-ignored cache `tests/.assets/`, once. A cached copy is
-  reused while its stamp (in `tests/.assets/.stamps/`) still matches the sha256 of the compressed
+- unpacks the compressed ones into the git-ignored cache `.test-assets/`, once. A cached copy is
+  reused while its stamp (in `.test-assets/.stamps/`) still matches the sha256 of the compressed
   file and the copy's size and mtime; otherwise it is written again. Every file is written under a
   temporary name and renamed into place, so parallel test processes and interrupted runs never see
   a half-written file.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-CACHE = REPO / "tests" / ".assets"
+CACHE = REPO / ".test-assets"  # outside tests/, so searches of the test code skip the unpacked files
 _STAMPS = CACHE / ".stamps"
 
 # Used in place from the repository.

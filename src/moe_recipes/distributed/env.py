@@ -459,8 +459,9 @@ def init_distributed(
     call torch.distributed functions unconditionally. The rendezvous must complete within
     `init_timeout_minutes` (default: DEFAULT_INIT_TIMEOUT_MINUTES, at most `timeout_minutes`), else
     RendezvousError names MASTER_ADDR:MASTER_PORT, the world size and the timeout; collectives afterwards
-    get `timeout_minutes`. With `use_deepspeed` DeepSpeed adopts the group (so that it knows about it).
-    A second call returns the same DistEnv without touching the group.
+    get `timeout_minutes`. With `use_deepspeed` DeepSpeed adopts the group (so that it knows about it),
+    without JIT-building its CPU shared-memory op (see _skip_deepspeed_shm_op). A second call returns the
+    same DistEnv without touching the group.
     """
     if dist.is_initialized() and "env" in _STATE:
         return _STATE["env"]
@@ -484,6 +485,7 @@ def init_distributed(
                 "use_deepspeed=True but DeepSpeed is not installed "
                 "(pip install --no-build-isolation deepspeed)"
             ) from err
+        _skip_deepspeed_shm_op()
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,
@@ -536,6 +538,23 @@ def _create_group(env: DistEnv, backend: str, init_timeout: timedelta, timeout: 
     set_pg_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
     if set_pg_timeout is not None:
         set_pg_timeout(timeout)
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory op (`deepspeed_shm_comm`).
+
+    DeepSpeed's TorchBackend builds it on first use of a CPU accelerator (deepspeed/comm/torch.py,
+    build_shm_op) under $TORCH_EXTENSIONS_DIR, behind a `lock` file that an interrupted build leaves behind
+    and that every later run then waits on for ever. The op serves only `inference_all_reduce` (AutoTP
+    tensor parallelism); ZeRO training reduces with torch.distributed, so training loses nothing. This uses
+    DeepSpeed's own fallback for platforms where the op is unsupported (its entry in the table of
+    compatible ops); without a CPU accelerator the op is never built anyway.
+    """
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def barrier() -> None:

@@ -275,10 +275,21 @@ class DistributedConfig:
         "train.precision=bf16)",
     )
     backend: str | None = _f(None, "torch.distributed backend (default: nccl with CUDA, else gloo)")
-    timeout_minutes: float = _f(30.0, "collective timeout")
+    timeout_minutes: float = _f(
+        30.0, "collective timeout: how long a rank waits for the others in a collective"
+    )
+    init_timeout_minutes: float = _f(
+        5.0,
+        "start-up timeout: how long the ranks wait for each other at the rendezvous (a rank missing, "
+        "MASTER_ADDR unreachable) and for another process's build of a PyTorch extension, before they stop "
+        "with a message",
+    )
 
     def validate(self) -> None:
         _choice("distributed.engine", self.engine, ("deepspeed", "fsdp2"))
+        for key in ("timeout_minutes", "init_timeout_minutes"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"distributed.{key} must be > 0, got {getattr(self, key)}")
         if self.fsdp_shard_size is not None and self.fsdp_shard_size < 1:
             raise ValueError(f"distributed.fsdp_shard_size must be >= 1, got {self.fsdp_shard_size}")
         fsdp_keys = {

@@ -33,7 +33,10 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from moe_recipes.distributed.startup import waiting_notice
+
 DEFAULT_MASTER_PORT = 29500
+DEFAULT_INIT_TIMEOUT_MINUTES = 5.0  # the rendezvous at start; collectives have their own timeout
 LOOPBACK = "127.0.0.1"
 LAUNCHERS = ("single", "torchrun", "deepspeed", "openmpi", "mpich", "slurm")
 
@@ -440,15 +443,25 @@ _STATE: dict[str, DistEnv] = {}
 _SAVED_VARS: dict[str, str | None] = {}
 
 
+class RendezvousError(RuntimeError):
+    """The ranks did not all meet within the start-up timeout (a rank missing, MASTER_ADDR unreachable)."""
+
+
 def init_distributed(
-    backend: str | None = None, timeout_minutes: float = 30, use_deepspeed: bool = True
+    backend: str | None = None,
+    timeout_minutes: float = 30,
+    use_deepspeed: bool = True,
+    init_timeout_minutes: float | None = None,
 ) -> DistEnv:
     """Detect the launcher, export RANK/WORLD_SIZE/..., and create the default process group.
 
     A single process also gets a 1-rank group (on a free port unless MASTER_PORT is set) so that code can
-    call torch.distributed functions unconditionally. With `use_deepspeed` DeepSpeed creates the group
-    (so that it knows about it), with its MPI discovery off because the variables are already exported.
-    A second call returns the same DistEnv without touching the group.
+    call torch.distributed functions unconditionally. The rendezvous must complete within
+    `init_timeout_minutes` (default: DEFAULT_INIT_TIMEOUT_MINUTES, at most `timeout_minutes`), else
+    RendezvousError names MASTER_ADDR:MASTER_PORT, the world size and the timeout; collectives afterwards
+    get `timeout_minutes`. With `use_deepspeed` DeepSpeed adopts the group (so that it knows about it),
+    without JIT-building its CPU shared-memory op (see _skip_deepspeed_shm_op). A second call returns the
+    same DistEnv without touching the group.
     """
     if dist.is_initialized() and "env" in _STATE:
         return _STATE["env"]
@@ -459,13 +472,12 @@ def init_distributed(
     _SAVED_VARS.update({name: os.environ.get(name) for name in _TORCH_VARS})
     export_env(env)
     timeout = timedelta(minutes=timeout_minutes)
-    if dist.is_initialized():
-        pass  # someone else (e.g. deepspeed.initialize) made the group already; adopt it
-    else:
+    if init_timeout_minutes is None:
+        init_timeout_minutes = min(DEFAULT_INIT_TIMEOUT_MINUTES, timeout_minutes)
+    if not dist.is_initialized():  # else someone (e.g. deepspeed.initialize) made the group: adopt it
         _forget_deepspeed_groups()
-    if dist.is_initialized():
-        pass
-    elif use_deepspeed:
+        _create_group(env, backend, timedelta(minutes=init_timeout_minutes), timeout)
+    if use_deepspeed:
         try:
             import deepspeed
         except ImportError as err:
@@ -473,6 +485,7 @@ def init_distributed(
                 "use_deepspeed=True but DeepSpeed is not installed "
                 "(pip install --no-build-isolation deepspeed)"
             ) from err
+        _skip_deepspeed_shm_op()
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,
@@ -480,18 +493,68 @@ def init_distributed(
             verbose=False,
             dist_init_required=True,
         )
-    else:
-        kwargs = {"device_id": device_for(env)} if backend == "nccl" else {}
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timeout,
-            **kwargs,
-        )
     _STATE["env"] = env
     return env
+
+
+def _create_group(env: DistEnv, backend: str, init_timeout: timedelta, timeout: timedelta) -> None:
+    """init_process_group("env://") with the rendezvous (store connection and the backend's connection of
+    the ranks) bounded by `init_timeout` and explained while it waits; collectives then get `timeout`."""
+    from torch.distributed import PrefixStore, rendezvous
+
+    where = f"MASTER_ADDR:MASTER_PORT={env.master_addr}:{env.master_port}"
+    limit = init_timeout.total_seconds()
+    notice = (
+        f"[moe-recipes] rank {env.rank}: still waiting for all {env.world_size} ranks to join at {where} "
+        f"({{elapsed:.0f}} of {limit:g} s, distributed.init_timeout_minutes)"
+    )
+    kwargs = {"device_id": device_for(env)} if backend == "nccl" else {}
+    quiet = env.world_size == 1 or env.local_rank != 0  # one notice per node
+    with waiting_notice(notice, first_after_s=limit + 1 if quiet else min(30.0, limit / 4)):
+        try:
+            # What init_process_group("env://") does, with our own timeout for the rendezvous: rank 0 (or
+            # torchrun's agent) serves a TCPStore that waits for all ranks; the others connect to it.
+            store, _, _ = next(rendezvous("env://", timeout=init_timeout))
+            dist.init_process_group(
+                backend=backend,
+                store=PrefixStore("default_pg", store),
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=init_timeout,
+                **kwargs,
+            )
+        except Exception as err:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+            raise RendezvousError(
+                f"rank {env.rank} of world size {env.world_size} ({env.launcher}) could not join the process "
+                f"group at {where} within the start-up timeout of {limit:g} s "
+                f"(distributed.init_timeout_minutes={limit / 60:g}): {type(err).__name__}: {first}. "
+                f"Check that all {env.world_size} ranks were started, that MASTER_ADDR is the host of rank 0 "
+                "and reachable from every node, and that MASTER_PORT is free there."
+            ) from err
+    store.set_timeout(timeout)
+    set_pg_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_pg_timeout is not None:
+        set_pg_timeout(timeout)
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory op (`deepspeed_shm_comm`).
+
+    DeepSpeed's TorchBackend builds it on first use of a CPU accelerator (deepspeed/comm/torch.py,
+    build_shm_op) under $TORCH_EXTENSIONS_DIR, behind a `lock` file that an interrupted build leaves behind
+    and that every later run then waits on for ever. The op serves only `inference_all_reduce` (AutoTP
+    tensor parallelism); ZeRO training reduces with torch.distributed, so training loses nothing. This uses
+    DeepSpeed's own fallback for platforms where the op is unsupported (its entry in the table of
+    compatible ops); without a CPU accelerator the op is never built anyway.
+    """
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def barrier() -> None:

@@ -87,12 +87,32 @@ def _child_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return environ
 
 
+def _descendants(pid: int) -> list[int]:
+    """Pids of every process below `pid`, from /proc (empty where there is no /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids = [int(c) for c in children.read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(kids)
+            todo.extend(kids)
+    return found
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill a child started with start_new_session=True together with everything it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """Kill a child started with start_new_session=True together with everything it started, including
+    processes in sessions of their own (torchrun starts each worker in a new session, and a SIGKILLed
+    torchrun cannot take them down; they would keep running and hold the output pipes open)."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            if os.getpgid(pid) == pid:  # a group leader: its group too
+                os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     proc.wait()
 
 

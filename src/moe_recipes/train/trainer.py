@@ -26,6 +26,7 @@ from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
 from moe_recipes.distributed.env import DistEnv, device_for, init_distributed
+from moe_recipes.distributed.startup import bounded_extension_builds
 from moe_recipes.models.balancing import check_bias_update, measure_global_load, update_routing_bias
 from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
@@ -87,10 +88,20 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: Config) -> Run:
+    """Process group, model, engine and data; every wait in here is bounded (see distributed.startup)."""
+    with bounded_extension_builds(cfg.distributed.init_timeout_minutes * 60):
+        return _setup(cfg)
+
+
+def _setup(cfg: Config) -> Run:
     checks = preflight(cfg)  # paths, data, vocabulary, resume: before anything that takes time
-    use_ds = cfg.distributed.engine == "deepspeed"
+    d = cfg.distributed
+    use_ds = d.engine == "deepspeed"
     env = init_distributed(
-        backend=cfg.distributed.backend, timeout_minutes=cfg.distributed.timeout_minutes, use_deepspeed=use_ds
+        backend=d.backend,
+        timeout_minutes=d.timeout_minutes,
+        use_deepspeed=use_ds,
+        init_timeout_minutes=d.init_timeout_minutes,
     )
     device = device_for(env)
     precision = _resolve_precision(cfg, device)

@@ -509,7 +509,13 @@ def _create_group(env: DistEnv, backend: str, init_timeout: timedelta, timeout: 
         f"({{elapsed:.0f}} of {limit:g} s, distributed.init_timeout_minutes)"
     )
     kwargs = {"device_id": device_for(env)} if backend == "nccl" else {}
-    quiet = env.world_size == 1 or env.local_rank != 0  # one notice per node
+    if env.world_size == 1:
+        # Nobody to meet: an in-process store, so no port is opened (and none can be taken by another job)
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs
+        )
+        return
+    quiet = env.local_rank != 0  # one notice per node
     with waiting_notice(notice, first_after_s=limit + 1 if quiet else min(30.0, limit / 4)):
         try:
             # What init_process_group("env://") does, with our own timeout for the rendezvous: rank 0 (or

@@ -106,6 +106,9 @@ def _setup(cfg: Config) -> Run:
     device = device_for(env)
     precision = _resolve_precision(cfg, device)
     report_preflight(checks, env.rank == 0)
+    # Before HfDeepSpeedConfig exists: under it, building even a meta model runs ZeRO-3's collectives
+    if env.rank == 0 and (note := warn_if_over_memory(cfg, cfg.model.path, env.world_size, device)):
+        print(note, file=sys.stderr, flush=True)
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
@@ -115,8 +118,6 @@ def _setup(cfg: Config) -> Run:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive.append(HfDeepSpeedConfig(ds_config))
-    if env.rank == 0 and (note := warn_if_over_memory(cfg, cfg.model.path, env.world_size, device)):
-        print(note, file=sys.stderr, flush=True)
     model = load_model(
         cfg.model.path,
         attn_implementation=cfg.model.attn_implementation,

@@ -98,7 +98,7 @@ class TrainConfig:
     loss_kernel: str = _f(
         "auto",
         "softmax gradient of the fused LM-head loss: compiled (torch.compile, one fused pass; compiles once "
-        "per process, needs a C++ compiler on CPU, falls back to eager if compiling fails), eager, or auto "
+        "per process, needs a C++ compiler on CPU, falls back to eager on a compile error), eager, or auto "
         "(compiled when a chunk holds >= 32M logits, where it repays the compile time)",
     )
     nan_policy: str = _f("stop", "on a NaN/inf loss: stop (save nothing, exit non-zero) or skip the step")

@@ -233,6 +233,12 @@ class DistributedConfig:
         True, "FSDP2: free gathered decoder-layer weights after forward (False: keep them for backward)"
     )
     fsdp_cpu_offload: bool = _f(False, "FSDP2: keep parameters, gradients and optimizer states on the CPU")
+    fsdp_defer_grad_sync: bool = _f(
+        False,
+        "FSDP2 with gradient accumulation: keep unsharded fp32 gradients of the whole model until the last "
+        "micro-batch and reduce once (less communication, but full gradients on every rank: for small "
+        "models only); false: reduce-scatter every micro-batch and accumulate sharded gradients",
+    )
     reduce_dtype: str = _f(
         "fp32",
         "dtype of the gradient reduction across ranks: fp32, or bf16 (half the bytes on the wire, as in "
@@ -250,6 +256,7 @@ class DistributedConfig:
             "fsdp_shard_size": self.fsdp_shard_size is not None,
             "fsdp_reshard_after_forward": not self.fsdp_reshard_after_forward,
             "fsdp_cpu_offload": self.fsdp_cpu_offload,
+            "fsdp_defer_grad_sync": self.fsdp_defer_grad_sync,
         }
         ds_keys = {
             "offload_optimizer": self.offload_optimizer,

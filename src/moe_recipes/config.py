@@ -155,6 +155,13 @@ class MoEConfig:
         "load-balancing loss coefficient (default: the model's "
         "router_aux_loss_coef, else 0.01; 0 turns it off)",
     )
+    aux_loss_type: str = _f(
+        "hf",
+        "form of the load-balancing (and global-batch) loss: hf = HF's load_balancing_loss_func (layers "
+        "pooled, even routing = top_k), so router_aux_loss_coef means what it meant in training; per_layer = "
+        "Switch/Megatron normalisation (even routing = 1) averaged over layers, 1/top_k of hf for one layer "
+        "(Megatron's moe_aux_loss_coeff x MoE layers is the coefficient here)",
+    )
     z_loss_coef: float = _f(0.0, "router z-loss coefficient (ST-MoE; 1e-3 is typical)")
     global_aux_loss_coef: float = _f(
         0.0, "global-batch load-balancing loss coefficient (expert load over all micro-batches and ranks)"
@@ -175,6 +182,7 @@ class MoEConfig:
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ValueError(f"moe.{key} must be >= 0, got {value}")
+        _choice("moe.aux_loss_type", self.aux_loss_type, ("hf", "per_layer"))
         if self.bias_update_rate < 0:
             raise ValueError(f"moe.bias_update_rate must be >= 0, got {self.bias_update_rate}")
         from moe_recipes.models.freeze import check_freeze_spec

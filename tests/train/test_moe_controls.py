@@ -40,7 +40,8 @@ def test_global_and_sequence_losses_do_not_depend_on_accumulation(tmp_path, tiny
         assert big["loss"] == pytest.approx(
             big["lm_loss"] + 0.5 * big["global_aux_loss"] + 0.5 * big["seq_aux_loss"], rel=1e-6
         )
-        assert big["global_aux_loss"] >= 1.0 - 1e-6  # E * sum f_i P_i >= 1 when f == ... at least near 1
+        # a plausible value: the default (hf) form gives top_k = 2 for even routing, more when skewed
+        assert big["global_aux_loss"] >= 1.0 - 1e-6
     # the global-batch loss trained the router: the step-3 value differs from step 1
     assert runs[4][0]["global_aux_loss"] != pytest.approx(runs[4][-1]["global_aux_loss"], rel=1e-6)
 

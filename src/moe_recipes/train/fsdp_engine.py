@@ -12,7 +12,8 @@ backward reduce-scatters its gradients and the sharded gradients accumulate (as 
 never holds more than its shard of the gradients plus one layer's unsharded ones. With
 `distributed.fsdp_defer_grad_sync` only the boundary's backward reduces (`set_requires_gradient_sync`):
 one reduction per step, but every rank keeps unsharded fp32 gradients of the whole model until then
-(~187 GB for Mixtral-8x7B), so that is for small models only. Both give the same losses.
+(~187 GB for Mixtral-8x7B), so that is for small models only. Both give the same losses. With hybrid
+sharding the all-reduce across replicas runs once per step either way (`set_requires_all_reduce`).
 
 Checkpoints are written with `torch.distributed.checkpoint` (DCP): every rank writes its shards of the
 model and optimizer state into one folder with a `.metadata` file, and a load with any number of
@@ -119,7 +120,11 @@ class FSDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         """Back-propagate `loss / accumulation steps`. Gradients are reduce-scattered on every micro-batch,
         or with `defer_grad_sync` kept unsharded and reduced only on the boundary micro-batch."""
-        self.module.set_requires_gradient_sync(self.at_boundary or not self.defer_grad_sync)
+        boundary = self.at_boundary
+        self.module.set_requires_gradient_sync(boundary or not self.defer_grad_sync)
+        # Hybrid sharding: reduce-scatter inside the shard group every micro-batch (sharded gradients), but
+        # all-reduce across the replicas only once per step (no-op on a 1D mesh).
+        self.module.set_requires_all_reduce(boundary)
         (loss / self.grad_accum).backward()
 
     def step(self) -> None:

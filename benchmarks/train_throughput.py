@@ -18,8 +18,9 @@ of any process of that tree (from `os.wait4`), the same measure for both. tokens
 divided by the median step time after --warmup steps (and, less sensitive to other jobs on a shared
 machine, by the fastest such step): ours from `log.dir/metrics.jsonl`, HF from a TrainerCallback
 (on_step_begin to on_step_end; neither includes logging). The first-step losses are printed as a check
-that both train the same model on the same data (HF's is ~0.001 higher: its load-balancing loss is
-not divided by top_k, so it is ~2x ours and adds ~0.001 more at router_aux_loss_coef=0.001).
+that both train the same model on the same data (they include the same load-balancing loss since ours
+is HF's `load_balancing_loss_func` by default, `moe.aux_loss_type=hf`; results measured before that show
+HF's ~0.001 higher, its loss being top_k x the per-layer one ours was then).
 
     .venv/bin/python benchmarks/train_throughput.py [--workdir DIR] [--steps 12] [--warmup 3]
         [--precisions fp32 bf16] [--procs 1 2] [--engines deepspeed fsdp2 deepspeed-bf16reduce]

@@ -102,7 +102,7 @@ class TrainConfig:
     loss_kernel: str = _f(
         "auto",
         "softmax gradient of the fused LM-head loss: compiled (torch.compile, one fused pass; compiles once "
-        "per process, needs a C++ compiler on CPU, falls back to eager if compiling fails), eager, or auto "
+        "per process, needs a C++ compiler on CPU, falls back to eager on a compile error), eager, or auto "
         "(compiled when a chunk holds >= 32M logits, where it repays the compile time)",
     )
     nan_policy: str = _f("stop", "on a NaN/inf loss: stop (save nothing, exit non-zero) or skip the step")
@@ -167,6 +167,13 @@ class MoEConfig:
         "load-balancing loss coefficient (default: the model's "
         "router_aux_loss_coef, else 0.01; 0 turns it off)",
     )
+    aux_loss_type: str = _f(
+        "hf",
+        "form of the load-balancing (and global-batch) loss: hf = HF's load_balancing_loss_func (layers "
+        "pooled, even routing = top_k), so router_aux_loss_coef means what it meant in training; per_layer = "
+        "Switch/Megatron normalisation (even routing = 1) averaged over layers, 1/top_k of hf for one layer "
+        "(Megatron's moe_aux_loss_coeff x MoE layers is the coefficient here)",
+    )
     z_loss_coef: float = _f(0.0, "router z-loss coefficient (ST-MoE; 1e-3 is typical)")
     global_aux_loss_coef: float = _f(
         0.0, "global-batch load-balancing loss coefficient (expert load over all micro-batches and ranks)"
@@ -187,6 +194,7 @@ class MoEConfig:
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ValueError(f"moe.{key} must be >= 0, got {value}")
+        _choice("moe.aux_loss_type", self.aux_loss_type, ("hf", "per_layer"))
         if self.bias_update_rate < 0:
             raise ValueError(f"moe.bias_update_rate must be >= 0, got {self.bias_update_rate}")
         from moe_recipes.models.freeze import check_freeze_spec
@@ -268,6 +276,12 @@ class DistributedConfig:
         True, "FSDP2: free gathered decoder-layer weights after forward (False: keep them for backward)"
     )
     fsdp_cpu_offload: bool = _f(False, "FSDP2: keep parameters, gradients and optimizer states on the CPU")
+    fsdp_defer_grad_sync: bool = _f(
+        False,
+        "FSDP2 with gradient accumulation: keep unsharded fp32 gradients of the whole model until the last "
+        "micro-batch and reduce once (less communication, but full gradients on every rank: for small "
+        "models only); false: reduce-scatter every micro-batch and accumulate sharded gradients",
+    )
     reduce_dtype: str = _f(
         "fp32",
         "dtype of the gradient reduction across ranks: fp32, or bf16 (half the bytes on the wire, as in "
@@ -296,6 +310,7 @@ class DistributedConfig:
             "fsdp_shard_size": self.fsdp_shard_size is not None,
             "fsdp_reshard_after_forward": not self.fsdp_reshard_after_forward,
             "fsdp_cpu_offload": self.fsdp_cpu_offload,
+            "fsdp_defer_grad_sync": self.fsdp_defer_grad_sync,
         }
         ds_keys = {
             "offload_optimizer": self.offload_optimizer,

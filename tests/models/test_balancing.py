@@ -13,11 +13,17 @@ from moe_recipes.models.balancing import (
     balancing_losses,
     global_batch_loss_part,
     measure_global_load,
+    pooled_global_batch_loss_part,
     sequence_loss,
     update_routing_bias,
 )
 from moe_recipes.models.inspect import inspect_model
-from moe_recipes.models.losses import expert_counts, load_balancing_loss
+from moe_recipes.models.losses import (
+    expert_counts,
+    load_balancing_loss,
+    pooled_load_balancing_loss,
+    switch_loss,
+)
 
 LN3 = math.log(3.0)
 
@@ -95,11 +101,42 @@ def test_global_batch_loss_is_invariant_to_ranks_and_accumulation(split):
     torch.testing.assert_close(parts_grad.grad, whole.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_balancing_losses_weights_and_validates(tiny_mixtral_model):
+@pytest.mark.parametrize("split", range(4))
+def test_pooled_global_batch_loss_is_invariant_to_ranks_and_accumulation(split):
+    """The HF form (layers pooled): summed parts == HF's loss of the whole batch, value and gradient."""
+    torch.manual_seed(0)
+    tokens, num_experts, top_k, layers = 32, 4, 2, 3
+    base = [torch.randn(tokens, num_experts) for _ in range(layers)]
+    indices = [torch.topk(b + torch.randn(tokens, num_experts), top_k, dim=-1).indices for b in base]
+    whole = [b.clone().requires_grad_(True) for b in base]
+    reference = pooled_load_balancing_loss(list(zip(whole, indices, strict=True)), num_experts, top_k)
+    reference.backward()
+
+    parts_grad = [b.clone().requires_grad_(True) for b in base]
+    ranks = _splits(tokens)[split]
+    counts = sum(
+        expert_counts([(b[mb], ix[mb]) for b, ix in zip(base, indices, strict=True)], num_experts).double()
+        for r in ranks
+        for mb in r
+    )
+    load = GlobalLoad(counts=counts, top_k=top_k)
+    total = sum(
+        pooled_global_batch_loss_part([g[mb] for g in parts_grad], load.counts, load.tokens)
+        for r in ranks
+        for mb in r
+    )
+    total.backward()
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(parts_grad, whole, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("aux_type", ["hf", "per_layer"])
+def test_balancing_losses_weights_and_validates(tiny_mixtral_model, aux_type):
     model, info = tiny_mixtral_model
     torch.manual_seed(0)
     captured = [(torch.randn(8, 4, requires_grad=True), torch.randint(0, 4, (8, 2))) for _ in info.routers]
-    coefs = BalanceCoefs(micro_batch=0.1, global_batch=0.2, sequence=0.3, z=0.01)
+    coefs = BalanceCoefs(micro_batch=0.1, global_batch=0.2, sequence=0.3, z=0.01, aux_loss_type=aux_type)
     counts = expert_counts(captured, 4).double()
     load = GlobalLoad(counts=counts, top_k=2, grad_scale=4.0)
     parts = balancing_losses(captured, info, coefs, batch_size=2, global_load=load)
@@ -112,8 +149,11 @@ def test_balancing_losses_weights_and_validates(tiny_mixtral_model):
     assert coefs.total({k: v.item() for k, v in parts.items()}) == pytest.approx(
         (expected - 0.2 * 3.0 * parts["global_aux_loss"]).item(), rel=1e-6
     )
+    assert parts["aux_loss"].item() == pytest.approx(switch_loss(captured, 4, 2, None, aux_type).item())
     with pytest.raises(ValueError, match="global expert counts"):
         balancing_losses(captured, info, coefs, batch_size=2, global_load=None)
+    with pytest.raises(ValueError, match="aux_loss_type must be one of hf, per_layer"):
+        BalanceCoefs(aux_loss_type="megatron")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +203,8 @@ def tiny_deepseek_v3_model(tmp_path_factory):
     return model, inspect_model(model)
 
 
-def test_padding_mask_leaves_padded_tokens_out_of_every_router_loss(tiny_mixtral_model):
+@pytest.mark.parametrize("aux_type", ["hf", "per_layer"])
+def test_padding_mask_leaves_padded_tokens_out_of_every_router_loss(tiny_mixtral_model, aux_type):
     """Two sequences of 5 and 3 real tokens padded to 5: with the mask, every loss equals the one computed
     from the real tokens alone (the sequence loss row by row), whatever the padded rows hold."""
     model, info = tiny_mixtral_model
@@ -172,11 +213,14 @@ def test_padding_mask_leaves_padded_tokens_out_of_every_router_loss(tiny_mixtral
     captured = [(torch.randn(10, 4), torch.randint(0, 4, (10, 2))) for _ in range(layers)]
     mask = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
     real = [(lg[mask], ix[mask]) for lg, ix in captured]
-    coefs = BalanceCoefs(micro_batch=0.1, global_batch=0.2, sequence=0.3, z=0.01)
+    coefs = BalanceCoefs(micro_batch=0.1, global_batch=0.2, sequence=0.3, z=0.01, aux_loss_type=aux_type)
     load = GlobalLoad(counts=expert_counts(captured, 4, mask).double(), top_k=2)
     assert torch.equal(load.counts, expert_counts(real, 4).double())
     parts = balancing_losses(captured, info, coefs, batch_size=2, global_load=load, mask=mask)
-    aux = torch.stack([load_balancing_loss(lg, ix, 4, 2) for lg, ix in real]).mean()
+    if aux_type == "hf":
+        aux = pooled_load_balancing_loss(real, 4, 2)
+    else:
+        aux = torch.stack([load_balancing_loss(lg, ix, 4, 2) for lg, ix in real]).mean()
     assert parts["aux_loss"].item() == pytest.approx(aux.item(), rel=1e-6)
     assert parts["global_aux_loss"].item() == pytest.approx(aux.item(), rel=1e-5)
     z = torch.stack([torch.logsumexp(lg, -1).pow(2).mean() for lg, _ in real]).mean()

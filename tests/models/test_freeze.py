@@ -81,6 +81,7 @@ def test_config_validates_freeze_keys():
         ("moe.freeze=3", "list of strings"),
         ("moe.bias_update_rate=-1", "bias_update_rate"),
         ("moe.seq_aux_loss_coef=-0.1", "seq_aux_loss_coef"),
+        ("moe.aux_loss_type=megatron", "moe.aux_loss_type='megatron' is not one of hf, per_layer"),
     ]:
         with pytest.raises(ValueError, match=match):
             load_config(None, [*base, bad])

@@ -1,9 +1,35 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import InvalidCxxCompiler
 
 from moe_recipes.models import fused_loss
 from moe_recipes.models.fused_loss import fused_linear_cross_entropy
+
+
+def _no_cxx_reason() -> str | None:
+    """Why torch.compile cannot build CPU kernels here (no C++ compiler), or None when it can."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as err:
+        return f"no C++ compiler for torch.compile on CPU, the compiled kernel cannot be built: {err}"
+    return None
+
+
+needs_cxx = pytest.mark.skipif(_no_cxx_reason() is not None, reason=str(_no_cxx_reason()))
+
+
+@pytest.fixture
+def compiled_kernel(monkeypatch):
+    """A fresh compiled-kernel cache; the test fails if compiling fell back to eager (no silent pass)."""
+    kernel = fused_loss._CompiledKernel()
+    monkeypatch.setattr(fused_loss, "_COMPILED", kernel)
+    yield kernel
+    assert not kernel.failed, "compiling the LM-head loss kernel failed: the test ran the eager fallback"
+    assert kernel.fns, "the compiled kernel was never used"
 
 
 def reference(hidden, weight, labels, scale=1.0, softcap=None):
@@ -71,7 +97,9 @@ def _run(kernel, hidden, weight, labels, chunk, autocast=False):
     return loss.detach(), count, hidden.grad, weight.grad
 
 
-def test_compiled_kernel_matches_reference_with_ignored_tokens_and_a_short_last_chunk():
+@needs_cxx
+@pytest.mark.filterwarnings("error:the compiled LM-head loss kernel:RuntimeWarning")
+def test_compiled_kernel_matches_reference_with_ignored_tokens_and_a_short_last_chunk(compiled_kernel):
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(3, 17, 16, generator=g, dtype=torch.float64)
     weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
@@ -88,7 +116,9 @@ def test_compiled_kernel_matches_reference_with_ignored_tokens_and_a_short_last_
     torch.testing.assert_close(gw, w.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_compiled_kernel_in_bf16_matches_the_eager_kernel():
+@needs_cxx
+@pytest.mark.filterwarnings("error:the compiled LM-head loss kernel:RuntimeWarning")
+def test_compiled_kernel_in_bf16_matches_the_eager_kernel(compiled_kernel):
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(96, 32, generator=g)
     weight = torch.randn(1000, 32, generator=g) * 0.1
@@ -103,20 +133,67 @@ def test_compiled_kernel_in_bf16_matches_the_eager_kernel():
     assert compiled[3].dtype == torch.float32
 
 
-def test_compiled_kernel_falls_back_to_eager_with_a_warning(monkeypatch):
-    def broken_compile(*args, **kwargs):
-        raise RuntimeError("no C++ compiler\nsecond line")
-
-    monkeypatch.setattr(fused_loss, "_COMPILED", fused_loss._CompiledKernel())
-    monkeypatch.setattr(torch, "compile", broken_compile)
+def _inputs():
     g = torch.Generator().manual_seed(5)
     hidden, weight = torch.randn(20, 8, generator=g), torch.randn(30, 8, generator=g)
-    labels = torch.randint(0, 30, (20,), generator=g)
-    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler\); using the eager kernel"):
+    return hidden, weight, torch.randint(0, 30, (20,), generator=g)
+
+
+def _compile_raising(err: Exception):
+    def broken_compile(*args, **kwargs):
+        raise err
+
+    return broken_compile
+
+
+def test_compiled_kernel_falls_back_to_eager_on_a_compile_error(monkeypatch):
+    """What torch 2.13 raises without a working C++ compiler: InductorError (a BackendCompilerFailed)."""
+    inner = InvalidCxxCompiler()
+    err = BackendCompilerFailed(lambda *a: None, inner, None)
+    monkeypatch.setattr(fused_loss, "_COMPILED", fused_loss._CompiledKernel())
+    monkeypatch.setattr(torch, "compile", _compile_raising(err))
+    hidden, weight, labels = _inputs()
+    with pytest.warns(
+        RuntimeWarning, match=r"BackendCompilerFailed: .*No working C\+\+ compiler.*eager kernel"
+    ):
         loss, count, gh, gw = _run("compiled", hidden, weight, labels, chunk=8)
     eager = _run("eager", hidden, weight, labels, chunk=8)
     assert fused_loss._COMPILED.failed
     assert loss.item() == eager[0].item() and torch.equal(gh, eager[2]) and torch.equal(gw, eager[3])
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: not enough memory"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("a and b must have same reduction dim, but got [4, 3] X [4, 3]."),
+        # out of memory while inductor compiles is not a reason to run eager for the rest of the process
+        BackendCompilerFailed(lambda *a: None, torch.OutOfMemoryError("out of memory"), None),
+    ],
+    ids=["cpu-oom", "oom", "shape", "oom-while-compiling"],
+)
+def test_other_errors_propagate_and_keep_the_compiler_on(monkeypatch, err):
+    monkeypatch.setattr(fused_loss, "_COMPILED", fused_loss._CompiledKernel())
+    monkeypatch.setattr(torch, "compile", _compile_raising(err))
+    hidden, weight, labels = _inputs()
+    with pytest.raises(type(err)):
+        _run("compiled", hidden, weight, labels, chunk=8)
+    assert not fused_loss._COMPILED.failed
+
+
+def test_an_error_inside_the_compiled_function_propagates(monkeypatch):
+    """Raised by the compiled callable itself (as when the kernel runs out of memory), not by compiling."""
+
+    def compiled_fn_that_fails(*args):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(fused_loss, "_COMPILED", fused_loss._CompiledKernel())
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_fn_that_fails)
+    hidden, weight, labels = _inputs()
+    with pytest.raises(torch.OutOfMemoryError):
+        _run("compiled", hidden, weight, labels, chunk=8)
+    assert not fused_loss._COMPILED.failed
 
 
 def test_auto_kernel_compiles_only_large_chunks():

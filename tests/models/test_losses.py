@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteMoeConfig
+from transformers.models.mixtral import modeling_mixtral
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.models.qwen2_moe import modeling_qwen2_moe
+from transformers.models.qwen3_moe import modeling_qwen3_moe
 
 from moe_recipes.models.init import build_config, make_dims
 from moe_recipes.models.inspect import RouterCapture, inspect_model
@@ -18,7 +21,9 @@ from moe_recipes.models.losses import (
     lm_head_spec,
     load_balancing_loss,
     moe_losses,
+    pooled_load_balancing_loss,
     router_z_loss,
+    switch_loss,
 )
 
 LN3 = math.log(3.0)
@@ -92,19 +97,39 @@ def test_router_z_loss_by_hand() -> None:
     assert router_z_loss(logits, torch.tensor([1, 0])).item() == pytest.approx(ln2**2)
 
 
-def test_moe_losses_average_layers_and_zero_without_routers() -> None:
+def test_moe_losses_pool_layers_by_default_or_average_them_and_zero_without_routers() -> None:
     torch.manual_seed(2)
     layers = [(torch.randn(6, 4), torch.randint(0, 4, (6, 2))) for _ in range(3)]
     aux, z = moe_losses(layers, 4, 2)
+    torch.testing.assert_close(aux, pooled_load_balancing_loss(layers, 4, 2))
+    per_layer, _ = moe_losses(layers, 4, 2, aux_loss_type="per_layer")
     expected_aux = sum(load_balancing_loss(lg, ix, 4, 2) for lg, ix in layers) / 3
     expected_z = sum(router_z_loss(lg) for lg, _ in layers) / 3
-    torch.testing.assert_close(aux, expected_aux)
+    torch.testing.assert_close(per_layer, expected_aux)
     torch.testing.assert_close(z, expected_z)
+    with pytest.raises(ValueError, match="aux_loss_type must be one of hf, per_layer"):
+        switch_loss(layers, 4, 2, aux_loss_type="megatron")
     aux0, z0 = moe_losses([], 0, 0)
     assert aux0.item() == 0.0 and z0.item() == 0.0 and aux0.dtype == torch.float32
     weight = torch.ones(2, requires_grad=True)
     (weight.sum() + 0.01 * aux0 + 0.001 * z0).backward()  # adding them to a loss is harmless
     assert weight.grad is not None
+
+
+def test_pooled_loss_by_hand_and_its_relation_to_the_per_layer_loss() -> None:
+    """Two layers whose imbalances cancel when pooled: hf sees even routing (top_k), per_layer does not."""
+    logits = torch.tensor([[LN3, 0.0], [LN3, 0.0]])  # probs (.75, .25) on both tokens
+    other = logits.flip(-1)  # probs (.25, .75)
+    to0, to1 = torch.tensor([[0], [0]]), torch.tensor([[1], [1]])
+    # pooled: f = (2, 2) / 4 tokens, P = (.5, .5): 2 * (.5 * .5 + .5 * .5) = 1 (top_k = 1)
+    assert pooled_load_balancing_loss([(logits, to0), (other, to1)], 2, 1).item() == pytest.approx(1.0)
+    # per layer: f = (1, 0), P = (.75, .25): 2 * .75 = 1.5 for each layer
+    assert switch_loss(
+        [(logits, to0), (other, to1)], 2, 1, aux_loss_type="per_layer"
+    ).item() == pytest.approx(1.5)
+    # one layer, top-2 of 3 experts: hf == top_k x per_layer
+    one = [(torch.tensor([[math.log(2.0), 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([[0, 1], [0, 2]]))]
+    assert pooled_load_balancing_loss(one, 3, 2).item() == pytest.approx(2 * 51 / 48)
 
 
 def test_expert_counts() -> None:
@@ -119,18 +144,35 @@ def test_expert_counts() -> None:
     assert expert_counts([], 3).shape == (0, 3)
 
 
-def test_aux_loss_from_capture_matches_hf_model_aux_loss() -> None:
-    """On a 1-layer Mixtral, HF's reported aux_loss is top_k x ours computed from RouterCapture."""
-    config = build_config("mixtral", make_dims("mixtral", 32, 64, 16, 1, 4, 2, 4, 2), vocab_size=64)
+@pytest.mark.parametrize(
+    ("arch", "module"),
+    [("mixtral", modeling_mixtral), ("qwen2_moe", modeling_qwen2_moe), ("qwen3_moe", modeling_qwen3_moe)],
+)
+def test_aux_loss_from_capture_equals_hf_load_balancing_loss(arch, module) -> None:
+    """3 MoE layers, a padded row: our default Switch loss from RouterCapture is HF's
+    `load_balancing_loss_func` of the same router logits (and the model's own aux_loss), value and
+    gradient, so `moe.aux_loss_coef = router_aux_loss_coef` weighs it as the model was trained."""
+    config = build_config(arch, make_dims(arch, 32, 64, 16, 3, 4, 2, 8, 2), vocab_size=64)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    ids = torch.randint(0, 64, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 5:] = 0
-    capture = RouterCapture(model, inspect_model(model))
+    info = inspect_model(model)
+    ids = torch.randint(0, 64, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 6:] = 0
+    capture = RouterCapture(model, info)
     out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
-    aux, _ = moe_losses(capture.layers(), 4, 2, mask)
-    torch.testing.assert_close(2 * aux, out.aux_loss)
+    captured = capture.layers()
+    assert len(captured) == len(out.router_logits) == 3
+    aux, _ = moe_losses(captured, 8, 2, mask)
+    hf = module.load_balancing_loss_func(out.router_logits, 8, 2, mask)
+    torch.testing.assert_close(aux, hf)
+    torch.testing.assert_close(aux, out.aux_loss)
+    routers = [r.weight for _, r in info.routers]
+    ours_grad = torch.autograd.grad(aux, routers, retain_graph=True)
+    hf_grad = torch.autograd.grad(hf, routers)
+    for a, b in zip(ours_grad, hf_grad, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def _full_ce(hidden, head, labels, scale=1.0, softcap=None):

@@ -19,7 +19,7 @@ def test_padded_chat_batch_routes_only_its_real_tokens_into_router_stats(tiny_mi
     from transformers import AutoModelForCausalLM
 
     from moe_recipes.models.inspect import inspect_model
-    from moe_recipes.models.losses import load_balancing_loss
+    from moe_recipes.models.losses import pooled_load_balancing_loss
     from moe_recipes.train.objective import CausalLMObjective
 
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral).eval()
@@ -40,15 +40,9 @@ def test_padded_chat_batch_routes_only_its_real_tokens_into_router_stats(tiny_mi
             alone.append(out["expert_counts"])
             logits.append(objective.capture.layers())
     assert torch.equal(padded["expert_counts"], alone[0] + alone[1])
-    expected = torch.stack(
-        [
-            load_balancing_loss(
-                torch.cat([logits[0][i][0], logits[1][i][0]]),
-                torch.cat([logits[0][i][1], logits[1][i][1]]),
-                info.num_experts,
-                info.top_k,
-            )
-            for i in range(len(logits[0]))
-        ]
-    ).mean()
+    real = [
+        (torch.cat([logits[0][i][0], logits[1][i][0]]), torch.cat([logits[0][i][1], logits[1][i][1]]))
+        for i in range(len(logits[0]))
+    ]
+    expected = pooled_load_balancing_loss(real, info.num_experts, info.top_k)
     assert padded["aux_loss"].item() == pytest.approx(expected.item(), rel=1e-4)

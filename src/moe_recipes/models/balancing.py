@@ -1,25 +1,32 @@
 """Load-balancing controls for MoE training: three auxiliary-loss variants and the aux-loss-free bias update.
 
 All losses read what ``RouterCapture.layers()`` returns (per MoE layer: router logits ``(tokens, E)`` and
-the experts the router selected ``(tokens, top_k)``), are averaged over MoE layers, and are scaled so that
-perfectly even routing gives 1.0:
+the experts the router selected ``(tokens, top_k)``):
 
-* **micro-batch** (Switch Transformer): ``E * sum_i f_i * P_i`` with ``f`` (share of routing slots) and
-  ``P`` (mean router probability) of one micro-batch on one rank (``losses.load_balancing_loss``).
-* **global-batch** (Qiu et al. 2025, "Demons in the detail"): the same formula, but ``f`` counts the whole
-  global batch, i.e. every micro-batch of the optimizer step on every data-parallel rank. ``f`` carries
-  no gradient, so it can be known *before* the differentiable forward: the trainer routes the step's
-  micro-batches once without gradients (``CausalLMObjective(route_only=True)``), all-reduces the expert
-  counts and hands them to the objective (``GlobalLoad``). Each micro-batch then contributes
-  ``E / T_global * sum_i f_i * sum_{t in micro-batch} p_{t,i}``; summed over micro-batches and ranks this
-  is exactly ``E * sum_i f_i * P_i`` of the global batch, value and gradient, however the global batch is
-  split over ranks and accumulation steps (as long as the forward is deterministic: no dropout, and
-  ties in the top-k broken the same way in both passes). The price is one extra no-grad forward per
-  micro-batch. Megatron's cheaper running sum (``f`` from the micro-batches seen so far) is not exact
-  across accumulation steps, which is why it is not used here.
+* **micro-batch** (Switch Transformer): ``E * sum_i f_i * P_i`` with ``f`` (expert selections) and ``P``
+  (mean router probability) of one micro-batch on one rank (``losses.switch_loss``). ``moe.aux_loss_type``
+  says how layers and ``f`` are taken: ``hf`` (default) is HF's ``load_balancing_loss_func``, layers pooled,
+  ``f`` per token (even routing gives ``top_k``), so a checkpoint's ``router_aux_loss_coef`` means what it
+  meant in training; ``per_layer`` is the Switch/Megatron normalisation (``f`` = share of slots, even
+  routing gives 1), averaged over layers, i.e. ``1 / top_k`` of ``hf`` for one layer.
+* **global-batch** (Qiu et al. 2025, "Demons in the detail"): the same formula, with the same
+  ``moe.aux_loss_type`` (so with one micro-batch on one rank it equals the micro-batch loss), but ``f``
+  counts the whole global batch, i.e. every micro-batch of the optimizer step on every data-parallel
+  rank. ``f`` carries no gradient, so it can be known *before* the differentiable forward: the trainer
+  routes the step's micro-batches once without gradients (``CausalLMObjective(route_only=True)``),
+  all-reduces the expert counts and hands them to the objective (``GlobalLoad``). Each micro-batch then
+  contributes ``E / T_global * sum_i f_i * sum_{t in micro-batch} p_{t,i}`` (``T_global`` and the sums
+  over all layers' tokens for ``hf``); summed over micro-batches and ranks this is exactly the loss of
+  the global batch, value and gradient, however the global batch is split over ranks and accumulation
+  steps (as long as the forward is deterministic: no dropout, and ties in the top-k broken the same way
+  in both passes). The price is one extra no-grad forward per micro-batch. Megatron's cheaper running sum
+  (``f`` from the micro-batches seen so far) is not exact across accumulation steps, which is why it is
+  not used here.
 * **per-sequence** (DeepSeek-V2/V3): for every sequence (row of the micro-batch) ``f_i = E / (K T) *
-  count_i`` and ``P_i`` = mean over its tokens of the normalised router scores, loss ``sum_i f_i P_i``,
-  averaged over the sequences. It pushes balance inside each sequence, not only across the batch.
+  count_i`` and ``P_i`` = mean over its tokens of the normalised router scores, loss ``sum_i f_i P_i``
+  (even routing gives 1), averaged over the sequences and over the MoE layers. DeepSeek adds the
+  per-layer losses up, so its ``aux_loss_alpha`` is ``seq_aux_loss_coef / (number of MoE layers)``:
+  DeepSeek-V2-Lite's 0.001 over 26 MoE layers is ``moe.seq_aux_loss_coef: 0.026``.
 
 Router scores are softmax probabilities, except for routers that carry an ``e_score_correction_bias``
 (DeepSeek-V3-style sigmoid routing), whose scores are ``sigmoid(logits)`` normalised to sum to 1, as in
@@ -42,19 +49,27 @@ import torch
 from torch import Tensor, nn
 
 from moe_recipes.models.inspect import MoEInfo
-from moe_recipes.models.losses import load_balancing_loss, router_z_loss, token_weights
+from moe_recipes.models.losses import AUX_LOSS_TYPES, router_z_loss, switch_loss, token_weights
 
 BIAS_NAME = "e_score_correction_bias"
 
 
 @dataclass(frozen=True)
 class BalanceCoefs:
-    """Coefficients of the router losses added to the LM loss (0 turns a term off)."""
+    """Coefficients of the router losses added to the LM loss (0 turns a term off), and the form of the
+    Switch losses (micro-batch and global-batch): ``aux_loss_type`` "hf" or "per_layer"."""
 
     micro_batch: float = 0.0
     global_batch: float = 0.0
     sequence: float = 0.0
     z: float = 0.0
+    aux_loss_type: str = "hf"
+
+    def __post_init__(self) -> None:
+        if self.aux_loss_type not in AUX_LOSS_TYPES:
+            raise ValueError(
+                f"aux_loss_type must be one of {', '.join(AUX_LOSS_TYPES)}, got {self.aux_loss_type!r}"
+            )
 
     def total(self, parts: dict[str, float]) -> float:
         """The weighted sum of reported loss values (keys as returned by ``balancing_losses``)."""
@@ -116,6 +131,29 @@ def global_batch_loss_part(
     return num_experts / global_tokens * (fraction.to(prob_sums.device) * prob_sums).sum()
 
 
+def pooled_global_batch_loss_part(
+    captured_logits: list[Tensor], counts: Tensor, global_tokens: float, mask: Tensor | None = None
+) -> Tensor:
+    """This micro-batch's share of the pooled (HF-form) global-batch loss over all layers.
+
+    ``counts`` (layers, E) are the global batch's routing slots, ``global_tokens`` its tokens: ``f_i`` =
+    selections of expert ``i`` per token over all layers (sums to ``top_k``), and the part is
+    ``E / (L T_global) * sum_i f_i sum_{l, t} p_lti``; summed over micro-batches and ranks it is HF's
+    ``load_balancing_loss_func`` with the global batch's ``f``.
+    """
+    layers, num_experts = counts.shape
+    if len(captured_logits) != layers:
+        raise ValueError(f"global counts cover {layers} layers, the router ran in {len(captured_logits)}")
+    rows = layers * global_tokens
+    fraction = (counts.double().sum(dim=0) / rows).float()  # (E,)
+    prob_sums = None
+    for logits in captured_logits:
+        weights = token_weights(mask, logits.shape[0], logits.device)  # (tokens,)
+        part = (logits.float().softmax(dim=-1) * weights[:, None]).sum(dim=0)  # (E,)
+        prob_sums = part if prob_sums is None else prob_sums + part.to(prob_sums.device)
+    return num_experts / rows * (fraction.to(prob_sums.device) * prob_sums).sum()
+
+
 def sequence_loss(
     logits: Tensor, indices: Tensor, batch_size: int, sigmoid: bool = False, mask: Tensor | None = None
 ) -> Tensor:
@@ -174,7 +212,7 @@ def balancing_losses(
         return {k: zero for k in ("moe_loss", "aux_loss", "global_aux_loss", "seq_aux_loss", "z_loss")}
     n, k = info.num_experts, info.top_k
     layers = len(captured)
-    aux = torch.stack([load_balancing_loss(lg, ix, n, k, mask) for lg, ix in captured]).mean()
+    aux = switch_loss(captured, n, k, mask, coefs.aux_loss_type)
     z = torch.stack([router_z_loss(lg, mask) for lg, _ in captured]).mean()
     zero = aux.new_zeros(())
     glob, seq = zero, zero
@@ -183,9 +221,12 @@ def balancing_losses(
             got = None if global_load is None else tuple(global_load.counts.shape)
             raise ValueError(f"global-batch loss needs the global expert counts ({layers}, {n}), got {got}")
         fraction, total = global_load.fraction, global_load.tokens
-        glob = torch.stack(
-            [global_batch_loss_part(lg, fraction[i], total, mask) for i, (lg, _) in enumerate(captured)]
-        ).mean()
+        if coefs.aux_loss_type == "hf":
+            glob = pooled_global_batch_loss_part([lg for lg, _ in captured], global_load.counts, total, mask)
+        else:
+            glob = torch.stack(
+                [global_batch_loss_part(lg, fraction[i], total, mask) for i, (lg, _) in enumerate(captured)]
+            ).mean()
     if coefs.sequence:
         sig = [_uses_sigmoid(r) for _, r in info.routers] or [False]
         seq = torch.stack(

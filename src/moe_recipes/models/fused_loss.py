@@ -11,7 +11,9 @@ eager PyTorch it takes several passes over the (chunk x vocab) logits and, for b
 them. With `kernel="compiled"` it is one `torch.compile`d function that reads the logits twice (row maximum
 and sum, then the gradient) and writes the gradient in the logits' dtype, with no fp32 temporary: about 4x
 less time for that part on CPU. It compiles once per process (seconds; needs a C++ compiler on CPU) and
-falls back to the eager code, with a warning, where compiling fails.
+falls back to the eager code, with a warning, where compiling fails (`is_compile_error`: a backend
+compiler failure, a missing C++ compiler, a graph dynamo cannot capture). Any other error, e.g. running
+out of memory or a shape mismatch, propagates: falling back would hide it and run slower ever after.
 
 Needs the head weight as a plain tensor, so engines that shard parameters inside module calls (ZeRO-3)
 use `chunked_causal_lm_loss` instead.
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, InvalidBackend, Unsupported
+from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
 
 KERNELS = ("auto", "compiled", "eager")
 # "auto" compiles when a chunk has at least this many logits: below it the elementwise work is too small
@@ -74,26 +78,62 @@ def _xent_grad_in_place(z: Tensor, lse: Tensor, target: Tensor, valid: Tensor) -
     return lse
 
 
+# What compiling can fail with in torch 2.13: inductor failures reach the caller as BackendCompilerFailed
+# (InductorError, wrapping e.g. InvalidCxxCompiler or CppCompileError); Unsupported is a graph dynamo cannot
+# capture with fullgraph=True. TorchRuntimeError (an op failing on fake tensors while tracing: a shape
+# error in the code) is deliberately not here, nor are errors raised while the compiled code runs.
+COMPILE_ERRORS: tuple[type[BaseException], ...] = (
+    BackendCompilerFailed,
+    Unsupported,
+    InternalTorchDynamoError,
+    InvalidBackend,
+    InvalidCxxCompiler,
+    CppCompileError,
+)
+
+
+def is_compile_error(err: BaseException) -> bool:
+    """Whether `err` means "this function cannot be compiled here" (fall back to eager), as opposed to an
+    error the eager code would hit as well or that must not be hidden (out of memory while compiling)."""
+    if not isinstance(err, COMPILE_ERRORS):
+        return False
+    inner = getattr(err, "inner_exception", None)
+    return not isinstance(inner, torch.OutOfMemoryError | MemoryError)
+
+
+def _describe(err: BaseException) -> str:
+    """`Type: first line` of the error, and of the one it wraps (BackendCompilerFailed's own text is a
+    preamble like "backend='inductor' raised:")."""
+    parts = [err]
+    inner = getattr(err, "inner_exception", None)
+    if inner is not None:
+        parts.append(inner)
+    return " <- ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" for e in parts)
+
+
 class _CompiledKernel:
-    """The compiled kernels, each built on first use; all disabled for the process after a failure."""
+    """The compiled kernels, each built on first use; all disabled for the process after a compile error."""
 
     def __init__(self) -> None:
         self.fns: dict[str, Callable[..., Any]] = {}
         self.failed = False
 
     def run(self, fn: Callable[..., Any], *args: Tensor) -> Any:
-        """`fn(*args)` compiled, or None when compiling is not possible here."""
+        """`fn(*args)` compiled, or None when compiling is not possible here (a warning says why).
+
+        Only compile errors (`is_compile_error`) turn to None; every other error propagates."""
         if self.failed:
             return None
         try:
             if fn.__name__ not in self.fns:
                 self.fns[fn.__name__] = torch.compile(fn, fullgraph=True)
             return self.fns[fn.__name__](*args)
-        except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure means: use eager
+        except Exception as err:
+            if not is_compile_error(err):
+                raise
             self.failed = True
             warnings.warn(
-                f"the compiled LM-head loss kernel is not available ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); using the eager kernel",
+                f"the compiled LM-head loss kernel is not available ({_describe(err)}); using the eager kernel",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -4,7 +4,20 @@ Router losses take what ``RouterCapture.layers()`` returns: per MoE layer the ro
 ``(tokens, E)`` and the experts the router actually selected ``(tokens, top_k)``. Using the router's own
 selection (not a softmax top-k recomputed from the logits, as HF's ``load_balancing_loss_func`` does)
 keeps the statistics right for routers that select differently, e.g. DeepSeek's sigmoid + bias +
-group-limited routing.
+group-limited routing; for softmax top-k routers (Mixtral, Qwen2/Qwen3-MoE, OLMoE) the two are the same.
+
+The Switch load-balancing loss comes in two forms (``AUX_LOSS_TYPES``, config key ``moe.aux_loss_type``):
+
+* ``"hf"`` (default): exactly HF's ``load_balancing_loss_func`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE),
+  the loss these models were trained with under their ``router_aux_loss_coef``: ``f`` and ``P`` are pooled
+  over all MoE layers (``pooled_load_balancing_loss``), ``f_i`` counts the selections of expert ``i`` per
+  token (it sums to ``top_k``), so perfectly even routing gives ``top_k``.
+* ``"per_layer"``: Switch/Megatron normalisation, one loss per layer with ``f_i`` the share of routing
+  slots (it sums to 1; even routing gives 1), averaged over the layers (``load_balancing_loss``). For one
+  layer it is ``hf / top_k``, so ``top_k x`` a checkpoint's ``router_aux_loss_coef`` gives the same
+  pull; Megatron-LM adds its per-layer losses up, so its ``moe_aux_loss_coeff`` ``c`` is
+  ``c x (number of MoE layers)`` here. Unlike pooling, it also penalises layers whose imbalances cancel
+  out when the layers are pooled.
 """
 
 from __future__ import annotations
@@ -31,20 +44,14 @@ def token_weights(mask: Tensor | None, tokens: int, device: torch.device) -> Ten
     return flat.to(device=device, dtype=torch.float32)
 
 
-def load_balancing_loss(
-    logits: Tensor, indices: Tensor, num_experts: int, top_k: int, mask: Tensor | None = None
-) -> Tensor:
-    """Switch-Transformer load-balancing loss of one MoE layer: ``E * sum_i f_i * P_i``.
+AUX_LOSS_TYPES = ("hf", "per_layer")
 
-    ``f_i`` = fraction of the ``tokens * top_k`` routing slots sent to expert ``i`` (from ``indices``, no
-    gradient), ``P_i`` = mean router softmax probability of expert ``i`` (carries the gradient). Masked
-    tokens (``mask == 0``, padding) count in neither. Perfectly uniform routing gives 1.0, the minimum.
 
-    Relation to HF's ``load_balancing_loss_func``: HF normalises ``f`` by ``tokens`` only, so for one layer
-    (and indices equal to the softmax top-k) ``HF == top_k * this``. For several layers HF concatenates
-    them (product of layer-averaged ``f`` and ``P``) while ``moe_losses`` averages per-layer losses
-    (as Switch/Megatron do), which also penalises layers whose imbalances cancel out when pooled.
-    """
+def _routing_sums(
+    logits: Tensor, indices: Tensor, num_experts: int, top_k: int, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's selections per expert ``(E,)`` (no gradient), summed router probabilities per expert
+    ``(E,)`` (with gradient) and the number of counted tokens, all in fp32; masked tokens count in none."""
     if logits.dim() != 2 or logits.shape[-1] != num_experts:
         raise ValueError(f"logits must be (tokens, {num_experts}), got {tuple(logits.shape)}")
     if indices.shape != (logits.shape[0], top_k):
@@ -52,14 +59,68 @@ def load_balancing_loss(
             f"indices must be (tokens, top_k) = {(logits.shape[0], top_k)}, got {tuple(indices.shape)}"
         )
     weights = token_weights(mask, logits.shape[0], logits.device)  # (tokens,)
-    counted = weights.sum().clamp_min(1.0)
     probs = logits.float().softmax(dim=-1)  # (tokens, E)
     slot_weights = weights.repeat_interleave(top_k)  # (tokens * top_k,)
-    slots_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
-    slots_per_expert.index_add_(0, indices.reshape(-1).to(logits.device), slot_weights)  # (E,)
-    fraction = slots_per_expert / (counted * top_k)  # f_i, sums to 1
-    mean_prob = (probs * weights[:, None]).sum(dim=0) / counted  # P_i, sums to 1
-    return num_experts * (fraction * mean_prob).sum()
+    selections = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
+    selections.index_add_(0, indices.reshape(-1).to(logits.device), slot_weights)  # (E,)
+    return selections, (probs * weights[:, None]).sum(dim=0), weights.sum()
+
+
+def load_balancing_loss(
+    logits: Tensor, indices: Tensor, num_experts: int, top_k: int, mask: Tensor | None = None
+) -> Tensor:
+    """Switch-Transformer load-balancing loss of one MoE layer, Megatron-normalised: ``E * sum_i f_i * P_i``.
+
+    ``f_i`` = fraction of the ``tokens * top_k`` routing slots sent to expert ``i`` (from ``indices``, no
+    gradient), ``P_i`` = mean router softmax probability of expert ``i`` (carries the gradient). Masked
+    tokens (``mask == 0``, padding) count in neither. Perfectly uniform routing gives 1.0, the minimum.
+    This is ``pooled_load_balancing_loss`` (HF's) of this one layer divided by ``top_k``.
+    """
+    selections, prob_sums, counted = _routing_sums(logits, indices, num_experts, top_k, mask)
+    counted = counted.clamp_min(1.0)
+    fraction = selections / (counted * top_k)  # f_i, sums to 1
+    return num_experts * (fraction * (prob_sums / counted)).sum()
+
+
+def pooled_load_balancing_loss(
+    captured: list[tuple[Tensor, Tensor]], num_experts: int, top_k: int, mask: Tensor | None = None
+) -> Tensor:
+    """HF's ``load_balancing_loss_func`` (Mixtral, Qwen2/Qwen3-MoE, OLMoE): ``E * sum_i f_i * P_i`` with
+    ``f`` and ``P`` pooled over the captured MoE layers, as HF concatenates the layers' router logits.
+
+    ``f_i`` = selections of expert ``i`` per counted token, over all layers (sums to ``top_k``), ``P_i`` =
+    mean router softmax probability over all layers' counted tokens; ``mask`` as HF's
+    ``attention_mask``. Even routing gives ``top_k``. Equal to HF's function, value and gradient, when
+    ``indices`` are the softmax top-k (HF recomputes them from the logits; here the router's own are used).
+    """
+    selections = prob_sums = rows = None
+    for logits, indices in captured:
+        s, p, n = _routing_sums(logits, indices, num_experts, top_k, mask)
+        selections = s if selections is None else selections + s.to(selections.device)
+        prob_sums = p if prob_sums is None else prob_sums + p.to(prob_sums.device)
+        rows = n if rows is None else rows + n.to(rows.device)
+    if selections is None:
+        raise ValueError("pooled_load_balancing_loss needs at least one captured MoE layer")
+    rows = rows.clamp_min(1.0)
+    return num_experts * ((selections / rows) * (prob_sums / rows)).sum()
+
+
+def switch_loss(
+    captured: list[tuple[Tensor, Tensor]],
+    num_experts: int,
+    top_k: int,
+    mask: Tensor | None = None,
+    aux_loss_type: str = "hf",
+) -> Tensor:
+    """The micro-batch Switch loss of the captured layers: ``"hf"`` pooled over layers (HF's function) or
+    ``"per_layer"`` (Megatron-normalised per-layer losses, averaged); see the module docstring."""
+    if aux_loss_type == "hf":
+        return pooled_load_balancing_loss(captured, num_experts, top_k, mask)
+    if aux_loss_type == "per_layer":
+        return torch.stack(
+            [load_balancing_loss(lg, ix, num_experts, top_k, mask) for lg, ix in captured]
+        ).mean()
+    raise ValueError(f"aux_loss_type must be one of {', '.join(AUX_LOSS_TYPES)}, got {aux_loss_type!r}")
 
 
 def router_z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -78,8 +139,9 @@ def moe_losses(
     top_k: int,
     mask: Tensor | None = None,
     device: torch.device | str | None = None,
+    aux_loss_type: str = "hf",
 ) -> tuple[Tensor, Tensor]:
-    """(load-balancing loss, z-loss), each averaged over the captured MoE layers.
+    """(load-balancing loss of ``switch_loss``, z-loss averaged over the captured MoE layers).
 
     With no routers (dense model) both are fp32 zeros on ``device`` (else the mask's device, else CPU),
     so ``loss + coef * aux`` works unchanged.
@@ -88,7 +150,7 @@ def moe_losses(
         where = device if device is not None else (mask.device if mask is not None else "cpu")
         zero = torch.zeros((), dtype=torch.float32, device=where)
         return zero, zero.clone()
-    aux = torch.stack([load_balancing_loss(lg, ix, num_experts, top_k, mask) for lg, ix in captured]).mean()
+    aux = switch_loss(captured, num_experts, top_k, mask, aux_loss_type)
     z = torch.stack([router_z_loss(lg, mask) for lg, _ in captured]).mean()
     return aux, z
 

@@ -7,8 +7,13 @@ with `train.precision=bf16` FSDP2 gathers them in bf16 for compute and reduces g
 
 Gradient semantics are DeepSpeed's: `backward(loss)` back-propagates `loss / accumulation steps`, and
 FSDP2 averages gradients over the data-parallel ranks; `step()` is called after every micro-batch and
-updates (clip, optimizer step, zero grad) only at the accumulation boundary. Gradients are reduced only on
-the boundary's backward (`set_requires_gradient_sync`); earlier micro-batches accumulate locally.
+updates (clip, optimizer step, zero grad) only at the accumulation boundary. By default every micro-batch's
+backward reduce-scatters its gradients and the sharded gradients accumulate (as torchtitan does), so a rank
+never holds more than its shard of the gradients plus one layer's unsharded ones. With
+`distributed.fsdp_defer_grad_sync` only the boundary's backward reduces (`set_requires_gradient_sync`):
+one reduction per step, but every rank keeps unsharded fp32 gradients of the whole model until then
+(~187 GB for Mixtral-8x7B), so that is for small models only. Both give the same losses. With hybrid
+sharding the all-reduce across replicas runs once per step either way (`set_requires_all_reduce`).
 
 Checkpoints are written with `torch.distributed.checkpoint` (DCP): every rank writes its shards of the
 model and optimizer state into one folder with a `.metadata` file, and a load with any number of
@@ -82,11 +87,19 @@ class FSDPEngine:
 
     engine_name = ENGINE_NAME
 
-    def __init__(self, module: nn.Module, optimizer: SkippableAdamW, grad_accum: int, grad_clip: float):
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: SkippableAdamW,
+        grad_accum: int,
+        grad_clip: float,
+        defer_grad_sync: bool = False,
+    ):
         self.module = module
         self.optimizer = optimizer
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
+        self.defer_grad_sync = defer_grad_sync  # reduce only on the boundary micro-batch
         self.micro_steps = 0  # micro-batches finished (step() calls) since the start of this process
         self._grad_norm: torch.Tensor | float | None = None
 
@@ -105,8 +118,13 @@ class FSDPEngine:
         return (self.micro_steps + 1) % self.grad_accum == 0
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate `loss / accumulation steps`; reduce gradients only on the boundary micro-batch."""
-        self.module.set_requires_gradient_sync(self.at_boundary)
+        """Back-propagate `loss / accumulation steps`. Gradients are reduce-scattered on every micro-batch,
+        or with `defer_grad_sync` kept unsharded and reduced only on the boundary micro-batch."""
+        boundary = self.at_boundary
+        self.module.set_requires_gradient_sync(boundary or not self.defer_grad_sync)
+        # Hybrid sharding: reduce-scatter inside the shard group every micro-batch (sharded gradients), but
+        # all-reduce across the replicas only once per step (no-op on a 1D mesh).
+        self.module.set_requires_all_reduce(boundary)
         (loss / self.grad_accum).backward()
 
     def step(self) -> None:
@@ -178,4 +196,7 @@ def initialize_fsdp(
     shard_model(module, cfg, decoder_layer_classes, mesh)
     # Built after sharding, so the optimizer holds (and keeps its state for) the DTensor shards.
     optimizer = build_optimizer(module, cfg.optim)
-    return FSDPEngine(module, optimizer, grad_accum, cfg.train.grad_clip), optimizer
+    engine = FSDPEngine(
+        module, optimizer, grad_accum, cfg.train.grad_clip, cfg.distributed.fsdp_defer_grad_sync
+    )
+    return engine, optimizer

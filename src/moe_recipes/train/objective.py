@@ -68,13 +68,14 @@ class CausalLMObjective(nn.Module):
         global_coef: float = 0.0,
         seq_coef: float = 0.0,
         loss_kernel: str = "auto",
+        aux_loss_type: str = "hf",
     ):
         super().__init__()
         self.model = model
         self.info = info
         self.aux_coef = aux_coef
         self.z_coef = z_coef
-        self.coefs = BalanceCoefs(aux_coef, global_coef, seq_coef, z_coef)
+        self.coefs = BalanceCoefs(aux_coef, global_coef, seq_coef, z_coef, aux_loss_type)
         # Set by the trainer before each step's differentiable forwards when coefs.global_batch > 0.
         self.global_load: GlobalLoad | None = None
         self.chunk_size = chunk_size

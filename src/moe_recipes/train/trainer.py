@@ -132,7 +132,8 @@ def _setup(cfg: Config) -> Run:
     params = freeze_parameters(model, info, cfg.moe.freeze, cfg.moe.freeze_patterns)
     aux_coef = cfg.moe.aux_loss_coef
     if aux_coef is None:
-        aux_coef = float(getattr(model.config, "router_aux_loss_coef", None) or 0.01)
+        aux_coef = getattr(model.config, "router_aux_loss_coef", None)
+        aux_coef = 0.01 if aux_coef is None else float(aux_coef)  # a checkpoint's 0 stays 0
     objective = CausalLMObjective(
         model,
         info,
@@ -144,6 +145,7 @@ def _setup(cfg: Config) -> Run:
         global_coef=cfg.moe.global_aux_loss_coef,
         seq_coef=cfg.moe.seq_aux_loss_coef,
         loss_kernel=cfg.train.loss_kernel,
+        aux_loss_type=cfg.moe.aux_loss_type,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
     if use_ds:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -23,3 +24,69 @@ def publish(tmp_dir: Path, output: Path) -> None:
     tmp_dir.rename(output)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# errno values that mean "no room for this file": the device is full, a quota is spent, or the file would pass
+# the process's RLIMIT_FSIZE (EFBIG; Python ignores SIGXFSZ, so the write fails instead of killing us).
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in _NO_SPACE
+
+
+def out_of_space_error(err: OSError, path: Path, needed: int | None) -> OSError:
+    """An OSError that names what was being written, how much it needs and how much the device has."""
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+        have = f"{_gib(free)} free on its file system"
+    except OSError:
+        have = "free space unknown"
+    need = f"about {_gib(needed)} needed" if needed else "size needed unknown"
+    return OSError(err.errno, f"out of space writing {path} ({need}, {have}): {err.strerror}", str(path))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB ({n:,} bytes)"
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under `path` (0 if it is missing)."""
+    if not path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class FolderLock:
+    """An exclusive `fcntl.flock` on `folder/.lock`, held until `release()` or the process ends (a
+    `kill -9` frees it too). The holder writes its pid, host and start time into the file so that a
+    refused second user is told who holds it."""
+
+    def __init__(self, folder: Path, what: str):
+        import fcntl
+        import socket
+        import time
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / ".lock"
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held for the life of the lock
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "a process that has not written its name yet"
+            self._file.close()
+            raise RuntimeError(
+                f"{what} {folder} is in use by another run ({holder}); wait for it to finish or "
+                f"point this run elsewhere (lock file {self.path})"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(
+            f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        )
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing drops the flock

@@ -26,6 +26,7 @@ from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
 from moe_recipes.distributed.env import DistEnv, device_for, init_distributed
+from moe_recipes.fileio import FolderLock
 from moe_recipes.models.balancing import check_bias_update, measure_global_load, update_routing_bias
 from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
@@ -95,10 +96,12 @@ def setup(cfg: Config) -> Run:
     device = device_for(env)
     precision = _resolve_precision(cfg, device)
     report_preflight(checks, env.rank == 0)
+    keep_alive: list[Any] = []
+    if env.rank == 0 and cfg.checkpoint.save:
+        keep_alive.append(_claim_save_dir(Path(cfg.checkpoint.save)))
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
-    keep_alive: list[Any] = []
     if use_ds and cfg.distributed.zero_stage == 3:
         # Lets from_pretrained partition the weights while loading instead of materialising them on every rank.
         from transformers.integrations import HfDeepSpeedConfig
@@ -172,6 +175,19 @@ def setup(cfg: Config) -> Run:
         )
     _maybe_resume(run, checks.resume_from)
     return run
+
+
+def _claim_save_dir(save_dir: Path) -> FolderLock:
+    """Lock checkpoint.save for this run (a second run saving there is refused, naming the holder) and
+    remove what an interrupted earlier run left in it."""
+    lock = FolderLock(save_dir, "checkpoint.save")
+    for name in ckpt_io.clean_leftovers(save_dir):
+        print(
+            f"[moe-recipes] removed {save_dir / name}, left by an interrupted save (never a complete checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return lock
 
 
 def _resolve_precision(cfg: Config, device: torch.device) -> str:
@@ -429,6 +445,9 @@ def train(cfg: Config) -> int:
     finally:
         stop.restore()
         run.writer.close()
+        for held in run.keep_alive:
+            if isinstance(held, FolderLock):
+                held.release()
 
 
 def _loop(run: Run, stop: StopRequest) -> int:

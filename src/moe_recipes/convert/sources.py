@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from moe_recipes.train.checkpoint import resolve_checkpoint
+from moe_recipes.train.checkpoint import resolve_checkpoint, verify_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
@@ -155,6 +155,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     """Find the checkpoint and check it is complete: every rank's files, the HF config, a readable run state."""
     ckpt = find_checkpoint(path)
     state = _read_run_state(ckpt)
+    verify_checkpoint(ckpt)  # every file it lists, at its recorded size
     stage, world = state["zero_stage"], state["world_size"]
     fsdp = state["engine"] == "fsdp2"
     expected = _expected_fsdp_files(world) if fsdp else _expected_files(stage, world)

@@ -342,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"moe-recipes {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        from moe_recipes.fileio import is_out_of_space
+
+        if not is_out_of_space(err):
+            raise
+        print(f"moe-recipes {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,11 +32,36 @@ def publish(tmp_dir: Path, output: Path) -> None:
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+# The same, from writers that do not raise OSError: torch.save's C++ stream ("basic_ios::clear: iostream
+# error", "unexpected pos N vs M"), safetensors' Rust I/O ("File too large (os error 27)").
+_NO_SPACE_TEXT = re.compile(
+    r"No space left|File too large|Disk quota|os error (?:27|28|122)\b|iostream error|unexpected pos \d+ vs \d+"
+)
+
+
+def out_of_space_cause(err: BaseException) -> BaseException | None:
+    """The out-of-space failure behind `err` (itself, a cause or context, or one rank's failure inside a
+    torch.distributed.checkpoint CheckpointException), or None."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or _NO_SPACE_TEXT.search(str(e)):
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo.extend(v[0] if isinstance(v, tuple) else v for v in failures.values() if v is not None)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return None
+
+
 def is_out_of_space(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in _NO_SPACE
+    return out_of_space_cause(err) is not None
 
 
-def out_of_space_error(err: OSError, path: Path, needed: int | None) -> OSError:
+def out_of_space_error(err: BaseException, path: Path, needed: int | None) -> OSError:
     """An OSError that names what was being written, how much it needs and how much the device has."""
     try:
         free = shutil.disk_usage(path if path.exists() else path.parent).free
@@ -43,7 +69,10 @@ def out_of_space_error(err: OSError, path: Path, needed: int | None) -> OSError:
     except OSError:
         have = "free space unknown"
     need = f"about {_gib(needed)} needed" if needed else "size needed unknown"
-    return OSError(err.errno, f"out of space writing {path} ({need}, {have}): {err.strerror}", str(path))
+    cause = out_of_space_cause(err) or err
+    code = getattr(cause, "errno", None) or errno.ENOSPC
+    why = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[0]
+    return OSError(code, f"out of space writing {path} ({need}, {have}): {why}", str(path))
 
 
 def _gib(n: int) -> str:
@@ -57,18 +86,18 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-class FolderLock:
-    """An exclusive `fcntl.flock` on `folder/.lock`, held until `release()` or the process ends (a
-    `kill -9` frees it too). The holder writes its pid, host and start time into the file so that a
-    refused second user is told who holds it."""
+class RunLock:
+    """An exclusive `fcntl.flock` on `lock_path`, held until `release()` or the process ends (a `kill -9`
+    frees it too). The holder writes its pid, host and start time into the file so that a refused second
+    user is told who holds it. `what` names the guarded thing in that message."""
 
-    def __init__(self, folder: Path, what: str):
+    def __init__(self, lock_path: Path, what: str):
         import fcntl
         import socket
         import time
 
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / ".lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = lock_path
         self._file = open(self.path, "a+")  # noqa: SIM115 - held for the life of the lock
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,7 +106,7 @@ class FolderLock:
             holder = self._file.read().strip() or "a process that has not written its name yet"
             self._file.close()
             raise RuntimeError(
-                f"{what} {folder} is in use by another run ({holder}); wait for it to finish or "
+                f"{what} is in use by another run ({holder}); wait for it to finish or "
                 f"point this run elsewhere (lock file {self.path})"
             ) from None
         self._file.seek(0)

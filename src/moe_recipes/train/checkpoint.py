@@ -245,12 +245,11 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             write_atomic(tmp / "run_state.json", json.dumps({**run_state, "files": files}, indent=2))
     except Exception as err:
-        cause = _out_of_space_cause(err)
-        if cause is None:
+        if not is_out_of_space(err):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; older ones are untouched
         previous = list_checkpoints(save_dir)
-        raise out_of_space_error(cause, tmp, folder_bytes(previous[-1]) if previous else None) from err
+        raise out_of_space_error(err, tmp, folder_bytes(previous[-1]) if previous else None) from err
     if rank == 0:
         fault_point("before_rename", iteration)
         if final.exists():  # an older run's checkpoint of this step, not the one `latest` names
@@ -262,21 +261,6 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
         _prune(save_dir, cfg.checkpoint.keep_last_n, iteration)
     _barrier()
     return final
-
-
-def _out_of_space_cause(err: BaseException) -> OSError | None:
-    """The out-of-space OSError behind `err`: itself, its causes, or one rank's failure inside a
-    torch.distributed.checkpoint CheckpointException."""
-    seen: list[BaseException] = [err]
-    while seen:
-        e = seen.pop()
-        if is_out_of_space(e):
-            return e  # type: ignore[return-value]
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            seen.extend(v[0] if isinstance(v, tuple) else v for v in failures.values() if v is not None)
-        seen.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-    return None
 
 
 def _copy_hf_files(model_dir: Path, out: Path) -> None:

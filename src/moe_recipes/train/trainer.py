@@ -26,7 +26,7 @@ from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
 from moe_recipes.distributed.env import DistEnv, device_for, init_distributed
-from moe_recipes.fileio import FolderLock
+from moe_recipes.fileio import RunLock
 from moe_recipes.models.balancing import check_bias_update, measure_global_load, update_routing_bias
 from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
@@ -177,10 +177,10 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def _claim_save_dir(save_dir: Path) -> FolderLock:
+def _claim_save_dir(save_dir: Path) -> RunLock:
     """Lock checkpoint.save for this run (a second run saving there is refused, naming the holder) and
     remove what an interrupted earlier run left in it."""
-    lock = FolderLock(save_dir, "checkpoint.save")
+    lock = RunLock(save_dir / ".lock", f"checkpoint.save {save_dir}")
     for name in ckpt_io.clean_leftovers(save_dir):
         print(
             f"[moe-recipes] removed {save_dir / name}, left by an interrupted save (never a complete checkpoint)",
@@ -446,7 +446,7 @@ def train(cfg: Config) -> int:
         stop.restore()
         run.writer.close()
         for held in run.keep_alive:
-            if isinstance(held, FolderLock):
+            if isinstance(held, RunLock):
                 held.release()
 
 

@@ -117,5 +117,7 @@ class RunLock:
         self._file.flush()
 
     def release(self) -> None:
+        """Remove the lock file and drop the lock (a refused user never waits, so removing it is safe)."""
         if not self._file.closed:
+            self.path.unlink(missing_ok=True)
             self._file.close()  # closing drops the flock

@@ -155,7 +155,6 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     """Find the checkpoint and check it is complete: every rank's files, the HF config, a readable run state."""
     ckpt = find_checkpoint(path)
     state = _read_run_state(ckpt)
-    verify_checkpoint(ckpt)  # every file it lists, at its recorded size
     stage, world = state["zero_stage"], state["world_size"]
     fsdp = state["engine"] == "fsdp2"
     expected = _expected_fsdp_files(world) if fsdp else _expected_files(stage, world)
@@ -165,6 +164,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         raise FileNotFoundError(
             f"checkpoint {ckpt} ({kind}, {world} processes) is incomplete: missing " + ", ".join(missing)
         )
+    verify_checkpoint(ckpt)  # every state file it lists, at its recorded size
     ranks = {int(m.group(1)) for p in ckpt.iterdir() if (m := _RANK_FILE_RE.search(p.name))}
     if ranks and max(ranks) >= world:
         raise ValueError(

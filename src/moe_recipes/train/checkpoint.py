@@ -199,7 +199,7 @@ def verify_checkpoint(ckpt: Path) -> None:
         if actual != size:
             raise ValueError(
                 f"checkpoint {ckpt}: {f} is {actual} bytes, but was written with {size} bytes "
-                "(truncated or replaced); resume from an earlier checkpoint"
+                "(damaged or only partly written); resume from an earlier checkpoint"
             )
 
 
@@ -242,7 +242,7 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
             _copy_hf_files(Path(cfg.model.path), tmp / "hf_config")
         _barrier()
         if rank == 0:  # last: its presence marks the checkpoint complete, and it lists every file
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = _state_files(tmp)
             write_atomic(tmp / "run_state.json", json.dumps({**run_state, "files": files}, indent=2))
     except Exception as err:
         if not is_out_of_space(err):
@@ -261,6 +261,17 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
         _prune(save_dir, cfg.checkpoint.keep_last_n, iteration)
     _barrier()
     return final
+
+
+def _state_files(ckpt: Path) -> dict[str, int]:
+    """{relative path: size} of the files a checkpoint's state lives in; the small text files a user may
+    edit (config.yaml, hf_config/) are left out."""
+    out = {}
+    for p in sorted(ckpt.rglob("*")):
+        rel = p.relative_to(ckpt)
+        if p.is_file() and rel.parts[0] != "hf_config" and rel.name != "config.yaml":
+            out[str(rel)] = p.stat().st_size
+    return out
 
 
 def _copy_hf_files(model_dir: Path, out: Path) -> None:

@@ -334,14 +334,23 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from moe_recipes.fileio import InUseError  # light: no torch
+
     try:
         rc = args.handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, InUseError) as err:
         print(f"moe-recipes {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        from moe_recipes.fileio import is_out_of_space
+
+        if not is_out_of_space(err):
+            raise
+        print(f"moe-recipes {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

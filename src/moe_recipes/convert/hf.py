@@ -33,6 +33,7 @@ from moe_recipes.convert.hf_folder import (
     write_weights,
 )
 from moe_recipes.convert.sources import TensorSource, checkpoint_source, inspect_checkpoint, state_dict_source
+from moe_recipes.fileio import is_out_of_space, out_of_space_error
 
 # Prefixes a source's keys may carry in front of the HF names: none, the trainer's objective (`model.`),
 # a DDP/DeepSpeed wrapper (`module.`).
@@ -122,8 +123,10 @@ def _convert(
         )
         write_config_files(hf_dir, tmp, config, out_dtype)
         publish(tmp, output)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_out_of_space(err):
+            raise out_of_space_error(err, output, sum(spec.nbytes for spec in layout.specs)) from err
         raise
     return output
 

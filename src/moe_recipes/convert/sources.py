@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from moe_recipes.train.checkpoint import resolve_checkpoint
+from moe_recipes.train.checkpoint import resolve_checkpoint, verify_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
@@ -164,6 +164,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         raise FileNotFoundError(
             f"checkpoint {ckpt} ({kind}, {world} processes) is incomplete: missing " + ", ".join(missing)
         )
+    verify_checkpoint(ckpt)  # every state file it lists, at its recorded size
     ranks = {int(m.group(1)) for p in ckpt.iterdir() if (m := _RANK_FILE_RE.search(p.name))}
     if ranks and max(ranks) >= world:
         raise ValueError(

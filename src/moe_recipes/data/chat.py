@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,15 @@ from typing import Any
 import numpy as np
 
 IGNORE_INDEX = -100
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: roles and empty assistant turns are checked
 CACHE_DIR_NAME = ".index_cache"
 # Stands in for an assistant's content to learn what the template writes around it.
 _SENTINEL = "\u2063MOE_RECIPES_CONTENT\u2063"
 
 Message = dict[str, str]
+# Roles the chat templates of HF models know; anything else (ShareGPT's "human"/"gpt", a typo) is refused
+# rather than rendered into something the model was never shown.
+ROLES = ("system", "user", "assistant", "tool")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -48,8 +52,12 @@ def _message(obj: Any, where: str, default_role: str | None = None) -> Message:
     content = obj.get("content")
     if not isinstance(role, str) or not role:
         raise ValueError(f"{where}: message role must be a non-empty string, got {role!r}")
+    if role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
     if not isinstance(content, str):
         raise ValueError(f"{where}: content of the {role} message must be a string, got {content!r:.80}")
+    if role == "assistant" and not content.strip():
+        raise ValueError(f"{where}: the assistant message is empty (nothing to train on)")
     return {"role": role, "content": content}
 
 
@@ -142,6 +150,19 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def _read_meta(meta_file: Path, index_file: Path) -> dict[str, Any] | None:
+    """The index's metadata if it and the index file are whole (same row count), else None (rebuild)."""
+    try:
+        meta = json.loads(meta_file.read_text())
+        rows = np.load(index_file, mmap_mode="r")
+        if rows.shape != (meta["conversations"], 3):
+            raise ValueError(f"{len(rows)} rows, metadata says {meta['conversations']}")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"[moe-recipes] rebuilding the damaged index {index_file} ({err})", file=sys.stderr, flush=True)
+        return None
+
+
 def build_index(path: str | Path, skip_bad_lines: bool = False, force: bool = False) -> IndexInfo:
     """Write (or reuse) the offset index of one JSONL file.
 
@@ -155,8 +176,8 @@ def build_index(path: str | Path, skip_bad_lines: bool = False, force: bool = Fa
     index_file, meta_file = index_paths(p)
     sig = _signature(p)
     if not force and index_file.is_file() and meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("signature") == sig and (skip_bad_lines or meta["bad_lines"] == 0):
+        meta = _read_meta(meta_file, index_file)
+        if meta and meta.get("signature") == sig and (skip_bad_lines or meta["bad_lines"] == 0):
             return IndexInfo(p, meta["conversations"], meta["bad_lines"], meta["first_error"], False)
     rows, bad, first_error = _scan(p, skip_bad_lines)
     index_file.parent.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,7 @@ import numpy as np
 from moe_recipes.data.fast_tokenize import BackendEncoder, BatchEncoder, fast_encoder
 from moe_recipes.data.indexed import token_dtype, write_index
 from moe_recipes.data.tokenizer import bos_id, eod_id, load_tokenizer
+from moe_recipes.fileio import RunLock, is_out_of_space, out_of_space_error
 
 # Chunks are whole lines, about this many bytes; small inputs get smaller chunks so every worker
 # has several to do.
@@ -526,15 +527,27 @@ def prepare_dataset(
     )
     prefix = output_prefix_for(output_prefix, json_key)
     stats = PrepareStats([str(f) for f in files], f"{prefix}.bin", f"{prefix}.idx", spec.dtype)
-    chunks = _iter_chunks(files, _chunk_bytes(sum(f.stat().st_size for f in files), workers))
+    input_bytes = sum(f.stat().st_size for f in files)
+    chunks = _iter_chunks(files, _chunk_bytes(input_bytes, workers))
+    # A second prepare of the same prefix is refused: two could rename a .bin and an .idx of different runs.
+    lock = RunLock(Path(f"{prefix}.lock"), f"output prefix {prefix}")
     # Exit order matters: stop the workers, then remove temporary files, then restore SIGTERM.
-    with (
-        _sigterm_as_interrupt(),
-        _AtomicOutput(prefix) as out,
-        contextlib.closing(_results(chunks, spec, workers, tokenizer)) as results,
-    ):
-        lengths = _write_all(results, out, stats, skip_bad_lines, start)
-        out.commit(np.dtype(spec.dtype), lengths)
+    try:
+        with (
+            _sigterm_as_interrupt(),
+            _AtomicOutput(prefix) as out,
+            contextlib.closing(_results(chunks, spec, workers, tokenizer)) as results,
+        ):
+            lengths = _write_all(results, out, stats, skip_bad_lines, start)
+            out.commit(np.dtype(spec.dtype), lengths)
+    except OSError as err:
+        if not is_out_of_space(err):
+            raise
+        # About 3 bytes of JSONL text per token, the token file dominates.
+        needed = input_bytes // 3 * np.dtype(spec.dtype).itemsize
+        raise out_of_space_error(err, Path(f"{prefix}.bin"), needed) from err
+    finally:
+        lock.release()
     stats.seconds = time.perf_counter() - start
     return stats
 

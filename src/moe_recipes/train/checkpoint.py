@@ -12,8 +12,16 @@ Layout of `SAVE/iter_NNNNNNN/`:
 and `SAVE/latest` holds the name of the newest complete checkpoint.
 
 A checkpoint is written to `iter_NNNNNNN.tmp/`, renamed when every rank has finished, and only then is
-`latest` replaced (atomically); old checkpoints are pruned after that. A crash at any point leaves
-`latest` pointing at a complete checkpoint.
+`latest` replaced (atomically); old checkpoints are pruned after that (their run_state.json goes first, so a
+half-deleted one never looks complete). A crash at any point leaves `latest` pointing at a complete
+checkpoint; `clean_leftovers` removes what a crash left behind when the next run starts.
+
+run_state.json is written last, after every rank has finished, and lists every file of the checkpoint with
+its size: a file cut short later (a copy, a full disk) is found when the checkpoint is opened, not deep in
+loading it.
+
+`MOE_RECIPES_FAULT` injects faults at named points of a save, for the fault-injection tests
+(tests/faults): `point=NAME[,iter=N][,rank=R][,action=kill|sleep:SECONDS|raise]`, several joined by `;`.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ import os
 import random
 import re
 import shutil
+import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from moe_recipes.config import Config
+from moe_recipes.fileio import folder_bytes, is_out_of_space, out_of_space_error
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
 HF_FILES = (
@@ -63,12 +75,53 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def write_atomic(path: Path, text: str) -> None:
+FAULT_ENV = "MOE_RECIPES_FAULT"
+# Named moments of a save, in order (see save_checkpoint)
+FAULT_POINTS = (
+    "engine_saved",  # this rank's engine files are in iter_N.tmp, run_state.json is not
+    "before_rename",  # iter_N.tmp is complete
+    "after_rename",  # iter_N is in place, `latest` still names the previous one
+    "latest_written",  # latest.tmp is written, not yet renamed over `latest`
+    "after_latest",  # `latest` names iter_N, old checkpoints not pruned yet
+    "mid_prune",  # an old checkpoint's run_state.json is gone, its files are not
+)
+
+
+def fault_point(point: str, iteration: int) -> None:
+    """Inject the fault that MOE_RECIPES_FAULT asks for at `point` (nothing when it is unset)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(";"):
+        fields = dict(kv.split("=", 1) for kv in item.split(",") if "=" in kv)
+        if fields.get("point") != point:
+            continue
+        if "iter" in fields and int(fields["iter"]) != iteration:
+            continue
+        if "rank" in fields and int(fields["rank"]) != _rank():
+            continue
+        action = fields.get("action", "kill")
+        print(
+            f"[moe-recipes] fault injection: {action} at {point}, step {iteration}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action.startswith("sleep:"):
+            time.sleep(float(action.split(":", 1)[1]))
+        elif action == "raise":
+            raise RuntimeError(f"fault injected at {point}")
+
+
+def write_atomic(path: Path, text: str, iteration: int = -1) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    if path.name == "latest":
+        fault_point("latest_written", iteration)
     os.replace(tmp, path)
 
 
@@ -96,19 +149,73 @@ def list_checkpoints(save_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path | None:
-    """`SAVE` (via its `latest` pointer) or `SAVE/iter_NNNNNNN` -> that complete checkpoint, else None."""
+    """`SAVE` (via its `latest` pointer) or `SAVE/iter_NNNNNNN` -> that complete checkpoint, else None.
+
+    A complete checkpoint newer than `latest` (a crash between its rename and the `latest` update) is
+    taken instead, with a message. Every file the checkpoint lists is checked for its size."""
     path = Path(path)
     if ITER_RE.match(path.name):
         if not (path / "run_state.json").is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no run_state.json)")
+        verify_checkpoint(path)
         return path
     latest = path / "latest"
     if not latest.is_file():
         return None
-    target = path / latest.read_text().strip()
-    if not (target / "run_state.json").is_file():
-        raise FileNotFoundError(f"{latest} points at {target.name}, which is not a complete checkpoint")
+    name = latest.read_text().strip()
+    target = path / name
+    if not ITER_RE.match(name) or not (target / "run_state.json").is_file():
+        why = "does not exist" if not target.exists() else "is not a complete checkpoint (no run_state.json)"
+        raise FileNotFoundError(f"{latest} names {name!r}, which {why}")
+    newest = list_checkpoints(path)[-1]
+    if _iteration(newest) > _iteration(target):
+        print(
+            f"[moe-recipes] {newest.name} is complete and newer than {latest} ({name}; the run stopped "
+            f"before updating it): using {newest.name}",
+            file=sys.stderr,
+            flush=True,
+        )
+        target = newest
+    verify_checkpoint(target)
     return target
+
+
+def _iteration(ckpt: Path) -> int:
+    return int(ITER_RE.match(ckpt.name).group(1))  # type: ignore[union-attr]
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Every file run_state.json lists exists with its recorded size; ValueError naming the first that
+    does not (checkpoints written before the list was kept are not checked)."""
+    try:
+        state = json.loads((ckpt / "run_state.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ckpt / 'run_state.json'} is not valid JSON ({err})") from None
+    for rel, size in state.get("files", {}).items():
+        f = ckpt / rel
+        if not f.is_file():
+            raise ValueError(f"checkpoint {ckpt}: {rel} is missing (the checkpoint lists it, {size} bytes)")
+        actual = f.stat().st_size
+        if actual != size:
+            raise ValueError(
+                f"checkpoint {ckpt}: {f} is {actual} bytes, but was written with {size} bytes "
+                "(damaged or only partly written); resume from an earlier checkpoint"
+            )
+
+
+def clean_leftovers(save_dir: Path) -> list[str]:
+    """Remove what an interrupted save or prune left in `save_dir` (call with the save lock held, rank 0):
+    `iter_N.tmp` folders, `iter_N` folders without run_state.json, a `latest.tmp`. Returns what it removed."""
+    if not save_dir.is_dir():
+        return []
+    removed = []
+    for p in sorted(save_dir.iterdir()):
+        stale_tmp = p.name.endswith(".tmp") and (ITER_RE.match(p.name[:-4]) or p.name == "latest.tmp")
+        half_pruned = ITER_RE.match(p.name) and p.is_dir() and not (p / "run_state.json").is_file()
+        if stale_tmp or half_pruned:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p.name)
+    return removed
 
 
 def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[str, Any]) -> Path:
@@ -122,25 +229,49 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
         if tmp.exists():
             shutil.rmtree(tmp)  # left over from a crash during an earlier save
     _barrier()
-    engine.save_checkpoint(str(save_dir), tag=tmp.name, save_latest=False)
-    if cfg.checkpoint.save_hf:
-        from moe_recipes.convert.export import export_hf  # collective; rank 0 writes tmp/hf
+    try:
+        engine.save_checkpoint(str(save_dir), tag=tmp.name, save_latest=False)
+        if cfg.checkpoint.save_hf:
+            from moe_recipes.convert.export import export_hf  # collective; rank 0 writes tmp/hf
 
-        export_hf(engine, cfg, tmp / "hf")
-    torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
+            export_hf(engine, cfg, tmp / "hf")
+        torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
+        fault_point("engine_saved", iteration)
+        if rank == 0:
+            cfg.save(tmp / "config.yaml")
+            _copy_hf_files(Path(cfg.model.path), tmp / "hf_config")
+        _barrier()
+        if rank == 0:  # last: its presence marks the checkpoint complete, and it lists every file
+            files = _state_files(tmp)
+            write_atomic(tmp / "run_state.json", json.dumps({**run_state, "files": files}, indent=2))
+    except Exception as err:
+        if not is_out_of_space(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind; older ones are untouched
+        previous = list_checkpoints(save_dir)
+        raise out_of_space_error(err, tmp, folder_bytes(previous[-1]) if previous else None) from err
     if rank == 0:
-        cfg.save(tmp / "config.yaml")
-        _copy_hf_files(Path(cfg.model.path), tmp / "hf_config")
-        write_atomic(tmp / "run_state.json", json.dumps(run_state, indent=2))
-    _barrier()
-    if rank == 0:
-        if final.exists():
+        fault_point("before_rename", iteration)
+        if final.exists():  # an older run's checkpoint of this step, not the one `latest` names
             shutil.rmtree(final)
         os.replace(tmp, final)
-        write_atomic(save_dir / "latest", name + "\n")
-        _prune(save_dir, cfg.checkpoint.keep_last_n)
+        fault_point("after_rename", iteration)
+        write_atomic(save_dir / "latest", name + "\n", iteration)
+        fault_point("after_latest", iteration)
+        _prune(save_dir, cfg.checkpoint.keep_last_n, iteration)
     _barrier()
     return final
+
+
+def _state_files(ckpt: Path) -> dict[str, int]:
+    """{relative path: size} of the files a checkpoint's state lives in; the small text files a user may
+    edit (config.yaml, hf_config/) are left out."""
+    out = {}
+    for p in sorted(ckpt.rglob("*")):
+        rel = p.relative_to(ckpt)
+        if p.is_file() and rel.parts[0] != "hf_config" and rel.name != "config.yaml":
+            out[str(rel)] = p.stat().st_size
+    return out
 
 
 def _copy_hf_files(model_dir: Path, out: Path) -> None:
@@ -151,10 +282,14 @@ def _copy_hf_files(model_dir: Path, out: Path) -> None:
             shutil.copy2(src, out / name)
 
 
-def _prune(save_dir: Path, keep_last_n: int | None) -> None:
+def _prune(save_dir: Path, keep_last_n: int | None, iteration: int = -1) -> None:
+    """Remove all but the newest `keep_last_n` complete checkpoints. run_state.json goes first, so that
+    an interrupted removal leaves a folder that no reader takes for a checkpoint."""
     if not keep_last_n:
         return
     for old in list_checkpoints(save_dir)[:-keep_last_n]:
+        (old / "run_state.json").unlink()
+        fault_point("mid_prune", iteration)
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -27,6 +27,7 @@ from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
 from moe_recipes.distributed.env import DistEnv, device_for, init_distributed
 from moe_recipes.distributed.startup import bounded_extension_builds
+from moe_recipes.fileio import InUseError, RunLock
 from moe_recipes.models.balancing import check_bias_update, measure_global_load, update_routing_bias
 from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
@@ -106,13 +107,13 @@ def _setup(cfg: Config) -> Run:
     device = device_for(env)
     precision = _resolve_precision(cfg, device)
     report_preflight(checks, env.rank == 0)
+    keep_alive: list[Any] = [_lock_save_dir(cfg, env, device)]
     # Before HfDeepSpeedConfig exists: under it, building even a meta model runs ZeRO-3's collectives
     if env.rank == 0 and (note := warn_if_over_memory(cfg, cfg.model.path, env.world_size, device)):
         print(note, file=sys.stderr, flush=True)
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
-    keep_alive: list[Any] = []
     if use_ds and cfg.distributed.zero_stage == 3:
         # Lets from_pretrained partition the weights while loading instead of materialising them on every rank.
         from transformers.integrations import HfDeepSpeedConfig
@@ -186,6 +187,38 @@ def _setup(cfg: Config) -> Run:
         )
     _maybe_resume(run, checks.resume_from)
     return run
+
+
+def _lock_save_dir(cfg: Config, env: DistEnv, device: torch.device) -> RunLock | None:
+    """Rank 0 locks checkpoint.save; every rank learns whether it could, so a refused run stops on all
+    ranks at once instead of leaving the others waiting in their first collective."""
+    lock, error = None, None
+    if env.rank == 0 and cfg.checkpoint.save:
+        try:
+            lock = _claim_save_dir(Path(cfg.checkpoint.save))
+        except InUseError as err:
+            error = err
+    refused = _sum_over_ranks(torch.tensor([float(error is not None)], device=device)).item()
+    if error is not None:
+        raise error
+    if refused:
+        raise RuntimeError(
+            f"rank 0 could not lock checkpoint.save {cfg.checkpoint.save} (its error says why)"
+        )
+    return lock
+
+
+def _claim_save_dir(save_dir: Path) -> RunLock:
+    """Lock checkpoint.save for this run (a second run saving there is refused, naming the holder) and
+    remove what an interrupted earlier run left in it."""
+    lock = RunLock(save_dir / ".lock", f"checkpoint.save {save_dir}")
+    for name in ckpt_io.clean_leftovers(save_dir):
+        print(
+            f"[moe-recipes] removed {save_dir / name}, left by an interrupted save (never a complete checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return lock
 
 
 def _resolve_precision(cfg: Config, device: torch.device) -> str:
@@ -443,6 +476,9 @@ def train(cfg: Config) -> int:
     finally:
         stop.restore()
         run.writer.close()
+        for held in run.keep_alive:
+            if isinstance(held, RunLock):
+                held.release()
 
 
 def _loop(run: Run, stop: StopRequest) -> int:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
-from moe_recipes.distributed.env import DistEnv, device_for, init_distributed
+from moe_recipes.distributed.env import DistEnv, barrier, destroy_distributed, device_for, init_distributed
 from moe_recipes.distributed.startup import bounded_extension_builds
 from moe_recipes.fileio import InUseError, RunLock
 from moe_recipes.models.balancing import check_bias_update, measure_global_load, update_routing_bias
@@ -472,13 +472,19 @@ def train(cfg: Config) -> int:
     run = setup(cfg)
     stop = StopRequest().install()
     try:
-        return _loop(run, stop)
+        rc = _loop(run, stop)
     finally:
         stop.restore()
         run.writer.close()
         for held in run.keep_alive:
             if isinstance(held, RunLock):
                 held.release()
+    # Every rank ends the loop at the same step. Tear the group down in order: a gloo group still alive
+    # when the interpreter exits can abort the process ("terminate called without an active exception")
+    # after all the work is done, failing the job.
+    barrier()
+    destroy_distributed()
+    return rc
 
 
 def _loop(run: Run, stop: StopRequest) -> int:

@@ -295,6 +295,10 @@ def _fsdp_states(out: MemoryPlan, cfg: Config) -> None:
     states["parameters (fp32 shard)"] = 4 * p // n
     states["gradients (fp32 shard)"] = 4 * t // n
     states["AdamW moments (fp32 shard)"] = 8 * t // n
+    if n == 1 and e == 4:
+        # one rank, no cast: the "gathered" parameters and the unsharded gradients are the shards
+        # themselves (measured on CPU: the step's peak is the states plus activations and the head)
+        return
     layers = 2 if d.fsdp_reshard_after_forward else s.num_layers
     out.device[f"gathered layers ({'bf16' if e == 2 else 'fp32'}, {layers} layers)"] = (
         e * layers * s.largest_layer_params
@@ -340,5 +344,6 @@ def _lm_head(out: MemoryPlan, cfg: Config) -> None:
         head = s.vocab_size * s.hidden_size * (8 + (4 if e == 2 else 0))
         out.device["LM head: fused loss buffers"] = head + chunk * s.vocab_size * (4 + e)
     else:
-        # logits of one chunk in the compute dtype, their fp32 copy, softmax and gradient
-        out.device["LM head: logits of one chunk"] = chunk * s.vocab_size * (e + 4 + 4 + 4)
+        # logits of one chunk in the compute dtype, their fp32 copy (none when they are fp32), softmax
+        # and gradient
+        out.device["LM head: logits of one chunk"] = chunk * s.vocab_size * (e + (4 if e == 2 else 0) + 4 + 4)

@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from moe_recipes.train.checkpoint import FAULT_ENV, FAULT_POINTS, list_checkpoints
+from moe_recipes.faults import FAULT_ENV
+from moe_recipes.faults import SAVE_POINTS as FAULT_POINTS
+from moe_recipes.train.checkpoint import list_checkpoints
 from moe_recipes.train.trainer import train
 
 from ..train.utils import make_config

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from moe_recipes.distributed.testing import free_port, launch_command
-from moe_recipes.train.checkpoint import FAULT_ENV, ITER_RE, list_checkpoints, verify_checkpoint
+from moe_recipes.faults import FAULT_ENV
+from moe_recipes.train.checkpoint import ITER_RE, list_checkpoints, verify_checkpoint
 
 from ..train.utils import step_records, write_config
 

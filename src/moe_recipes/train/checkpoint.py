@@ -20,8 +20,8 @@ run_state.json is written last, after every rank has finished, and lists every f
 its size: a file cut short later (a copy, a full disk) is found when the checkpoint is opened, not deep in
 loading it.
 
-`MOE_RECIPES_FAULT` injects faults at named points of a save, for the fault-injection tests
-(tests/faults): `point=NAME[,iter=N][,rank=R][,action=kill|sleep:SECONDS|raise]`, several joined by `;`.
+`MOE_RECIPES_FAULT` injects faults at the named points of a save (`moe_recipes.faults.SAVE_POINTS`), for
+the fault-injection tests (tests/faults).
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from moe_recipes.config import Config
+from moe_recipes.faults import fault_point
 from moe_recipes.fileio import folder_bytes, is_out_of_space, out_of_space_error
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -73,45 +72,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-FAULT_ENV = "MOE_RECIPES_FAULT"
-# Named moments of a save, in order (see save_checkpoint)
-FAULT_POINTS = (
-    "engine_saved",  # this rank's engine files are in iter_N.tmp, run_state.json is not
-    "before_rename",  # iter_N.tmp is complete
-    "after_rename",  # iter_N is in place, `latest` still names the previous one
-    "latest_written",  # latest.tmp is written, not yet renamed over `latest`
-    "after_latest",  # `latest` names iter_N, old checkpoints not pruned yet
-    "mid_prune",  # an old checkpoint's run_state.json is gone, its files are not
-)
-
-
-def fault_point(point: str, iteration: int) -> None:
-    """Inject the fault that MOE_RECIPES_FAULT asks for at `point` (nothing when it is unset)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    for item in spec.split(";"):
-        fields = dict(kv.split("=", 1) for kv in item.split(",") if "=" in kv)
-        if fields.get("point") != point:
-            continue
-        if "iter" in fields and int(fields["iter"]) != iteration:
-            continue
-        if "rank" in fields and int(fields["rank"]) != _rank():
-            continue
-        action = fields.get("action", "kill")
-        print(
-            f"[moe-recipes] fault injection: {action} at {point}, step {iteration}",
-            file=sys.stderr,
-            flush=True,
-        )
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif action.startswith("sleep:"):
-            time.sleep(float(action.split(":", 1)[1]))
-        elif action == "raise":
-            raise RuntimeError(f"fault injected at {point}")
 
 
 def write_atomic(path: Path, text: str, iteration: int = -1) -> None:

@@ -27,6 +27,7 @@ from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
 from moe_recipes.distributed.env import DistEnv, barrier, destroy_distributed, device_for, init_distributed
 from moe_recipes.distributed.startup import bounded_extension_builds
+from moe_recipes.faults import fault_point
 from moe_recipes.fileio import InUseError, RunLock
 from moe_recipes.models.balancing import check_bias_update, measure_global_load, update_routing_bias
 from moe_recipes.models.freeze import freeze_parameters
@@ -341,6 +342,7 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], stop: Sto
         counts = step_counts if counts is None else counts + step_counts
     assert sums is not None and counts is not None  # grad_accum >= 1
     sums[_PARTS.index("stop")] = 1.0 if stop.requested else 0.0
+    fault_point("before_reduce", run.iteration + 1)
     flat = _sum_over_ranks(torch.cat([sums, counts.to(sums.device).reshape(-1)]))
     host = torch.cat([flat, tokens.to(flat.device)]).tolist()  # the step's one host sync
     totals = dict(zip(_PARTS, host[: len(_PARTS)], strict=True))
@@ -496,6 +498,7 @@ def _loop(run: Run, stop: StopRequest) -> int:
     while run.iteration < cfg.train.iters:
         start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(run.grad_accum)]
+        fault_point("step_start", run.iteration + 1)
         result = train_step(run, micro_batches, stop)
         if result["nonfinite"] and cfg.train.nan_policy == "stop":
             run.print(

@@ -46,3 +46,38 @@ def test_padded_chat_batch_routes_only_its_real_tokens_into_router_stats(tiny_mi
     ]
     expected = pooled_load_balancing_loss(real, info.num_experts, info.top_k)
     assert padded["aux_loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_packed_chat_batch_leaves_its_padded_tail_out_of_router_stats(tiny_mixtral):
+    """A packed batch carries no padding mask (position ids keep conversations apart); its `real_tokens`
+    keep the padded tail out of the expert counts and the balancing and z losses, and out of the token
+    count behind tokens/s."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_recipes.data.packing import ChatCollator
+    from moe_recipes.models.inspect import inspect_model
+    from moe_recipes.train.objective import CausalLMObjective
+    from moe_recipes.train.trainer import _token_counts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral).eval()
+    info = inspect_model(model)
+    objective = CausalLMObjective(model, info, aux_coef=0.01, z_coef=0.001, chunk_size=0, bf16=False)
+    rng = np.random.default_rng(0)
+    full = {"input_ids": rng.integers(5, 1000, 9), "position_ids": np.array([0, 1, 2, 3, 0, 1, 2, 3, 4])}
+    short = {"input_ids": rng.integers(5, 1000, 5), "position_ids": np.arange(5)}
+    for s in (full, short):
+        s["labels"] = np.r_[s["input_ids"][1:], -100]
+    batch = ChatCollator(pad_id=2, packed=True)([full, short])  # row 1: 5 real tokens, a 4-token tail
+    tail_free = ChatCollator(pad_id=2, packed=True)([short])
+    with torch.no_grad():
+        packed = objective(**batch)
+        row0 = objective(**ChatCollator(pad_id=2, packed=True)([full]))
+        row1 = objective(**tail_free)
+    assert torch.equal(packed["expert_counts"], row0["expert_counts"] + row1["expert_counts"])
+    blind = {k: v for k, v in batch.items() if k != "real_tokens"}  # what the objective saw before
+    with torch.no_grad():
+        counted_tail = objective(**blind)
+    assert not torch.equal(counted_tail["expert_counts"], packed["expert_counts"])
+    assert _token_counts([batch]).tolist() == [float((batch["labels"] != -100).sum()), 14.0]

@@ -2,7 +2,7 @@
 
 Promise: `--resume` continues from the newest complete checkpoint, `latest` never names an incomplete one,
 what a crash leaves is removed with a message, and the losses equal those of an uninterrupted run.
-Named points come from MOE_RECIPES_FAULT (train/checkpoint.py); random moments from a timer.
+Named points come from MOE_RECIPES_FAULT (moe_recipes.faults); random moments from a random step and delay.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from moe_recipes.faults import FAULT_ENV
 from moe_recipes.faults import SAVE_POINTS as FAULT_POINTS
-from moe_recipes.train.checkpoint import list_checkpoints
+from moe_recipes.layout import list_checkpoints
 from moe_recipes.train.trainer import train
 
 from ..train.utils import make_config
@@ -79,18 +79,24 @@ def test_crash_at_every_named_point_then_resume(
     assert by_point["mid_prune"] == (7, ["iter_0000002"])  # half-pruned: no run_state.json
 
 
-def _kill_trial(config, save, world_size, fault=None, delay=None) -> tuple[int, str]:
-    """Start a resuming run; kill it at the named point (MOE_RECIPES_FAULT) or after `delay` seconds."""
+def _kill_trial(config, save, world_size, fault=None, steps_ahead=None, extra=0.0) -> tuple[int, str]:
+    """Start a resuming run; kill it at the named point (MOE_RECIPES_FAULT), or kill -9 the whole job
+    `extra` seconds after it logs the step `steps_ahead` past its newest checkpoint (the step's save, or
+    the next step's forward, is then under way: a random moment of the cycle, whatever the machine's speed).
+    """
     if fault is not None:
         return run_training(config, world_size, "--resume", fault=fault)
+    target = (check_save_dir(save) or 0) + steps_ahead
     proc = start_training(config, world_size, "--resume")
-    try:
-        out, _ = proc.communicate(timeout=delay)
-        return proc.returncode, out
-    except Exception:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return KILLED, out
+    lines, deadline = [], time.monotonic() + 600
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if line.startswith(f"step {target}/") or time.monotonic() > deadline:
+            time.sleep(extra)
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    out, _ = proc.communicate()
+    return proc.returncode, "".join(lines) + out
 
 
 def _chain(tmp_path, model, data, engine, world_size, trials: list[dict], iters=ITERS) -> list[dict]:
@@ -145,9 +151,9 @@ def test_kill9_at_named_points_and_random_moments_two_processes(tmp_path, tiny_m
     reference = losses(tmp_path / "reference" / "run")
     rng = random.Random(1234 if engine == "deepspeed" else 4321)
     named = [{"fault": f"point={p},iter={i},rank=0"} for i, p in enumerate(FAULT_POINTS, start=2)]
-    # Start-up takes ~10-25 s here and a step with its save ~1 s: each timed kill lands in start-up or a
-    # few steps (and saves) later, so the 9 of them stay inside the 100 steps.
-    timed = [{"delay": rng.uniform(12, 30)} for _ in range(9)]
+    # A kill 1-8 steps past the newest checkpoint, 0-1.5 s after that step is logged (a step with its save
+    # takes about that long here): 9 of them use at most 72 of the 100 steps.
+    timed = [{"steps_ahead": rng.randint(1, 8), "extra": rng.uniform(0, 1.5)} for _ in range(9)]
     seen = _chain(tmp_path, tiny_mixtral, tiny_dataset, engine, 2, named + timed, iters)
     report = "\n".join(str(s) for s in seen)
     print(f"\n{engine}: {len(seen)} trials\n{report}")

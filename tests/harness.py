@@ -97,7 +97,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
     """Kill a child started with start_new_session=True together with everything it started, including
     processes in sessions of their own (torchrun starts each worker in a new session, and a SIGKILLed
     torchrun cannot take them down; they would keep running and hold the output pipes open)."""
@@ -208,7 +208,7 @@ def _wait_for_ranks(procs: list[subprocess.Popen], timeout: float, what: str) ->
         if now > deadline:
             hung = [r for r, c in enumerate(codes) if c is None]
             for p in procs:
-                _kill_group(p)
+                kill_tree(p)
             raise TimeoutError(f"{what}: rank(s) {hung} still running after {timeout:g} s; killed them")
         time.sleep(0.05)
 
@@ -310,7 +310,7 @@ def run_distributed(
         finally:
             for p in procs:
                 if p.poll() is None:
-                    _kill_group(p)
+                    kill_tree(p)
         return _collect(results, procs, failed, what)
 
 
@@ -420,7 +420,7 @@ def run_module_distributed(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_tree(proc)
         out, err = proc.communicate()
         raise TimeoutError(
             f"{launcher} job still running after {timeout:g} s; killed it: {' '.join(cmd)}\n"
@@ -428,7 +428,7 @@ def run_module_distributed(
         ) from None
     finally:
         if proc.poll() is None:  # interrupted while waiting
-            _kill_group(proc)
+            kill_tree(proc)
     if proc.returncode != 0:
         raise LaunchError(proc.returncode, cmd, out, err)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -7,9 +7,7 @@ Named points come from MOE_RECIPES_FAULT (moe_recipes.faults); random moments fr
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import time
 
 import pytest
@@ -18,6 +16,7 @@ from moe_recipes.faults import FAULT_ENV
 from moe_recipes.faults import SAVE_POINTS as FAULT_POINTS
 from moe_recipes.layout import list_checkpoints
 from moe_recipes.train.trainer import train
+from tests.harness import kill_tree
 
 from ..train.utils import make_config
 from .utils import (
@@ -93,7 +92,7 @@ def _kill_trial(config, save, world_size, fault=None, steps_ahead=None, extra=0.
         lines.append(line)
         if line.startswith(f"step {target}/") or time.monotonic() > deadline:
             time.sleep(extra)
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc)  # torchrun and its workers, which run in sessions of their own
             break
     out, _ = proc.communicate()
     return proc.returncode, "".join(lines) + out

@@ -158,3 +158,37 @@ def test_kill9_at_named_points_and_random_moments_two_processes(tmp_path, tiny_m
     print(f"\n{engine}: {len(seen)} trials\n{report}")
     assert all(s["code"] != 0 for s in seen), report  # every trial was really killed before the end
     assert losses(tmp_path / "run") == pytest.approx(reference, rel=1e-5, abs=1e-5)
+
+
+def test_resaving_the_step_latest_names_never_leaves_it_missing(
+    tmp_path, tiny_mixtral, tiny_dataset, monkeypatch
+):
+    """Resumed explicitly from an older checkpoint into the same folder, the run saves again a step that
+    `latest` names. The new folder is swapped in atomically: a crash right after the swap (before the old
+    copy is deleted) leaves `latest` naming the new, complete checkpoint, and the next start removes the
+    old copy with a message."""
+    from moe_recipes.train import checkpoint as ckpt_mod
+
+    save = tmp_path / "ckpt"
+    settings = run_settings(save, "deepspeed", 3)
+    assert train(make_config(tmp_path, tiny_mixtral, tiny_dataset, *settings)) == 0
+    assert check_save_dir(save) == 3
+    old_state = (save / "iter_0000003" / "run_state.json").stat().st_mtime_ns
+    real_rmtree = ckpt_mod.shutil.rmtree
+
+    def crash_on_old_copy(path, *args, **kwargs):
+        if str(path).endswith("iter_0000003.tmp"):
+            raise RuntimeError("crash after the swap")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", crash_on_old_copy)
+    again = [*settings, f"checkpoint.load={save / 'iter_0000002'}"]
+    with pytest.raises(RuntimeError, match="crash after the swap"):
+        train(make_config(tmp_path, tiny_mixtral, tiny_dataset, *again))
+    monkeypatch.undo()
+    assert check_save_dir(save) == 3  # latest names a complete iter_3: the new one
+    assert (save / "iter_0000003" / "run_state.json").stat().st_mtime_ns > old_state
+    assert leftovers(save) == ["iter_0000003.tmp"]  # the old copy, swapped out
+    code, out = run_training(config_file(tmp_path, tiny_mixtral, tiny_dataset, *settings), 1, "--resume")
+    assert code == 0 and f"removed {save / 'iter_0000003.tmp'}" in out, out[-2000:]
+    assert leftovers(save) == []

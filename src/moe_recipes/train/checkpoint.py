@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from moe_recipes.config import Config
 from moe_recipes.faults import fault_point
-from moe_recipes.fileio import folder_bytes, is_out_of_space, out_of_space_error
+from moe_recipes.fileio import exchange, folder_bytes, is_out_of_space, out_of_space_error
 from moe_recipes.layout import (
     HF_FILES,
     ITER_RE,
@@ -132,9 +132,13 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
         raise out_of_space_error(err, tmp, folder_bytes(previous[-1]) if previous else None) from err
     if rank == 0:
         fault_point("before_rename", iteration)
-        if final.exists():  # an older run's checkpoint of this step, not the one `latest` names
+        if not final.exists():
+            os.replace(tmp, final)
+        elif exchange(tmp, final):  # a checkpoint of this step from an earlier run, which `latest` may name:
+            shutil.rmtree(tmp)  # swapped in one step, so `latest` never names a missing folder
+        else:  # no atomic swap on this system: a crash in between leaves `latest` naming a missing folder
             shutil.rmtree(final)
-        os.replace(tmp, final)
+            os.replace(tmp, final)
         fault_point("after_rename", iteration)
         write_atomic(save_dir / "latest", name + "\n", iteration)
         fault_point("after_latest", iteration)

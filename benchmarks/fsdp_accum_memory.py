@@ -27,6 +27,7 @@ import argparse
 import gc
 import os
 import platform
+import sys
 from pathlib import Path
 
 GOAL = 1.15  # peak growth with accumulation 4 / accumulation 1, at most (default setting)
@@ -113,7 +114,8 @@ def main() -> None:
     # Inherited by the ranks: large blocks are mmap'ed and given back when freed, so RSS tracks live tensors.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from moe_recipes.distributed.testing import run_distributed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.harness
+    from tests.harness import run_distributed
 
     size = {"hidden": args.hidden, "layers": args.layers, "experts": args.experts, "vocab": args.vocab}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; 2 processes (gloo)")

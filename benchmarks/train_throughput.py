@@ -192,7 +192,7 @@ def command(module: str, argv: list[str], processes: int) -> list[str]:
     """`python -m module argv` for one process, under torchrun for several."""
     if processes == 1:
         return [sys.executable, "-m", module, *argv]
-    from moe_recipes.distributed.testing import free_port, launch_command
+    from tests.harness import free_port, launch_command
 
     return launch_command("torchrun", module, argv, processes, free_port())
 

@@ -12,8 +12,8 @@ import torch
 
 from moe_recipes.cli import main
 from moe_recipes.convert.hf import convert_checkpoint
-from moe_recipes.distributed.testing import run_cli_distributed
 from moe_recipes.infer.perplexity import evaluate_perplexity
+from tests.harness import run_cli_distributed
 
 from ..train.utils import write_config
 from .utils import SHORT, expected_keys, last_valid_loss, logits_of, probe_ids, weight_map

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from moe_recipes.cli import main
 from moe_recipes.convert.hf import convert_checkpoint
-from moe_recipes.convert.hf_folder import TensorSpec, parse_size, plan_shards
+from moe_recipes.hf_folder import TensorSpec, parse_size, plan_shards
 
 from ..assets import MIXTRAL_TOKENIZER
 from ..train.utils import make_config

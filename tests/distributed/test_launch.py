@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_recipes.distributed.testing import (
+from tests.harness import (
     DistributedRunError,
     LaunchError,
     launch_command,
@@ -152,7 +152,7 @@ def test_launch_commands(monkeypatch):
 )
 def test_probe_under_a_real_launcher(tmp_path, launcher, use_deepspeed, label):
     argv = ["--out", str(tmp_path)] + (["--use-deepspeed"] if use_deepspeed else [])
-    proc = run_module_distributed("moe_recipes.distributed.testing", argv, 2, launcher, timeout=300)
+    proc = run_module_distributed("moe_recipes.distributed.probe", argv, 2, launcher, timeout=300)
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in records] == [0, 1]
     assert {r["local_rank"] for r in records} == {0, 1}

@@ -18,7 +18,7 @@ from moe_recipes.distributed.startup import (
     lock_holders,
     wait_for_lock,
 )
-from moe_recipes.distributed.testing import _child_environ, free_port
+from tests.harness import _child_environ, free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -171,7 +171,7 @@ def test_deepspeed_training_starts_despite_a_stale_extension_lock(
 ):
     """The lock an interrupted build of DeepSpeed's CPU shm op leaves made every later run hang in
     FileBaton.wait; a 2-process ZeRO-2 run must now train (or stop naming the lock), not hang."""
-    from moe_recipes.distributed.testing import run_cli_distributed
+    from tests.harness import run_cli_distributed
 
     from ..train.utils import step_records
 

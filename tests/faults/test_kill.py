@@ -2,22 +2,21 @@
 
 Promise: `--resume` continues from the newest complete checkpoint, `latest` never names an incomplete one,
 what a crash leaves is removed with a message, and the losses equal those of an uninterrupted run.
-Named points come from MOE_RECIPES_FAULT (train/checkpoint.py); random moments from a timer.
+Named points come from MOE_RECIPES_FAULT (moe_recipes.faults); random moments from a random step and delay.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import time
 
 import pytest
 
 from moe_recipes.faults import FAULT_ENV
 from moe_recipes.faults import SAVE_POINTS as FAULT_POINTS
-from moe_recipes.train.checkpoint import list_checkpoints
+from moe_recipes.layout import list_checkpoints
 from moe_recipes.train.trainer import train
+from tests.harness import kill_tree
 
 from ..train.utils import make_config
 from .utils import (
@@ -79,18 +78,24 @@ def test_crash_at_every_named_point_then_resume(
     assert by_point["mid_prune"] == (7, ["iter_0000002"])  # half-pruned: no run_state.json
 
 
-def _kill_trial(config, save, world_size, fault=None, delay=None) -> tuple[int, str]:
-    """Start a resuming run; kill it at the named point (MOE_RECIPES_FAULT) or after `delay` seconds."""
+def _kill_trial(config, save, world_size, fault=None, steps_ahead=None, extra=0.0) -> tuple[int, str]:
+    """Start a resuming run; kill it at the named point (MOE_RECIPES_FAULT), or kill -9 the whole job
+    `extra` seconds after it logs the step `steps_ahead` past its newest checkpoint (the step's save, or
+    the next step's forward, is then under way: a random moment of the cycle, whatever the machine's speed).
+    """
     if fault is not None:
         return run_training(config, world_size, "--resume", fault=fault)
+    target = (check_save_dir(save) or 0) + steps_ahead
     proc = start_training(config, world_size, "--resume")
-    try:
-        out, _ = proc.communicate(timeout=delay)
-        return proc.returncode, out
-    except Exception:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return KILLED, out
+    lines, deadline = [], time.monotonic() + 600
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if line.startswith(f"step {target}/") or time.monotonic() > deadline:
+            time.sleep(extra)
+            kill_tree(proc)  # torchrun and its workers, which run in sessions of their own
+            break
+    out, _ = proc.communicate()
+    return proc.returncode, "".join(lines) + out
 
 
 def _chain(tmp_path, model, data, engine, world_size, trials: list[dict], iters=ITERS) -> list[dict]:
@@ -145,11 +150,45 @@ def test_kill9_at_named_points_and_random_moments_two_processes(tmp_path, tiny_m
     reference = losses(tmp_path / "reference" / "run")
     rng = random.Random(1234 if engine == "deepspeed" else 4321)
     named = [{"fault": f"point={p},iter={i},rank=0"} for i, p in enumerate(FAULT_POINTS, start=2)]
-    # Start-up takes ~10-25 s here and a step with its save ~1 s: each timed kill lands in start-up or a
-    # few steps (and saves) later, so the 9 of them stay inside the 100 steps.
-    timed = [{"delay": rng.uniform(12, 30)} for _ in range(9)]
+    # A kill 1-8 steps past the newest checkpoint, 0-1.5 s after that step is logged (a step with its save
+    # takes about that long here): 9 of them use at most 72 of the 100 steps.
+    timed = [{"steps_ahead": rng.randint(1, 8), "extra": rng.uniform(0, 1.5)} for _ in range(9)]
     seen = _chain(tmp_path, tiny_mixtral, tiny_dataset, engine, 2, named + timed, iters)
     report = "\n".join(str(s) for s in seen)
     print(f"\n{engine}: {len(seen)} trials\n{report}")
     assert all(s["code"] != 0 for s in seen), report  # every trial was really killed before the end
     assert losses(tmp_path / "run") == pytest.approx(reference, rel=1e-5, abs=1e-5)
+
+
+def test_resaving_the_step_latest_names_never_leaves_it_missing(
+    tmp_path, tiny_mixtral, tiny_dataset, monkeypatch
+):
+    """Resumed explicitly from an older checkpoint into the same folder, the run saves again a step that
+    `latest` names. The new folder is swapped in atomically: a crash right after the swap (before the old
+    copy is deleted) leaves `latest` naming the new, complete checkpoint, and the next start removes the
+    old copy with a message."""
+    from moe_recipes.train import checkpoint as ckpt_mod
+
+    save = tmp_path / "ckpt"
+    settings = run_settings(save, "deepspeed", 3)
+    assert train(make_config(tmp_path, tiny_mixtral, tiny_dataset, *settings)) == 0
+    assert check_save_dir(save) == 3
+    old_state = (save / "iter_0000003" / "run_state.json").stat().st_mtime_ns
+    real_rmtree = ckpt_mod.shutil.rmtree
+
+    def crash_on_old_copy(path, *args, **kwargs):
+        if str(path).endswith("iter_0000003.tmp"):
+            raise RuntimeError("crash after the swap")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", crash_on_old_copy)
+    again = [*settings, f"checkpoint.load={save / 'iter_0000002'}"]
+    with pytest.raises(RuntimeError, match="crash after the swap"):
+        train(make_config(tmp_path, tiny_mixtral, tiny_dataset, *again))
+    monkeypatch.undo()
+    assert check_save_dir(save) == 3  # latest names a complete iter_3: the new one
+    assert (save / "iter_0000003" / "run_state.json").stat().st_mtime_ns > old_state
+    assert leftovers(save) == ["iter_0000003.tmp"]  # the old copy, swapped out
+    code, out = run_training(config_file(tmp_path, tiny_mixtral, tiny_dataset, *settings), 1, "--resume")
+    assert code == 0 and f"removed {save / 'iter_0000003.tmp'}" in out, out[-2000:]
+    assert leftovers(save) == []

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moe_recipes.distributed.testing import free_port, launch_command
 from moe_recipes.faults import FAULT_ENV
-from moe_recipes.train.checkpoint import ITER_RE, list_checkpoints, verify_checkpoint
+from moe_recipes.layout import ITER_RE, list_checkpoints, verify_checkpoint
+from tests.harness import free_port, launch_command
 
 from ..train.utils import step_records, write_config
 

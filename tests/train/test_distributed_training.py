@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from moe_recipes.distributed.testing import run_cli_distributed
 from moe_recipes.train.trainer import train
+from tests.harness import run_cli_distributed
 
 from .utils import make_config, metrics, step_records, write_config
 

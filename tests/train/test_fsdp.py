@@ -13,10 +13,10 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from moe_recipes.convert.hf import convert_checkpoint
-from moe_recipes.distributed.testing import run_cli_distributed
 from moe_recipes.train import trainer
 from moe_recipes.train.fsdp_engine import build_mesh
 from moe_recipes.train.signals import StopRequest
+from tests.harness import run_cli_distributed
 
 from ..convert.utils import logits_of, probe_ids, weight_map
 from .utils import make_config, step_records, write_config

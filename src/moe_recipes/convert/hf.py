@@ -17,13 +17,15 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from moe_recipes.convert.hf_folder import (
+from moe_recipes.convert.sources import TensorSource, checkpoint_source, inspect_checkpoint, state_dict_source
+from moe_recipes.fileio import is_out_of_space, out_of_space_error
+from moe_recipes.hf_folder import (
     ModelLayout,
     check_output,
+    load_hf_config,
     model_layout,
     parse_size,
     publish,
@@ -32,8 +34,6 @@ from moe_recipes.convert.hf_folder import (
     write_config_files,
     write_weights,
 )
-from moe_recipes.convert.sources import TensorSource, checkpoint_source, inspect_checkpoint, state_dict_source
-from moe_recipes.fileio import is_out_of_space, out_of_space_error
 
 # Prefixes a source's keys may carry in front of the HF names: none, the trainer's objective (`model.`),
 # a DDP/DeepSpeed wrapper (`module.`).
@@ -83,19 +83,6 @@ def match_keys(layout: ModelLayout, source: TensorSource, config_file: Path) -> 
             + ". Are the config and the weights of the same architecture and size?"
         )
     return {spec.name: mapped[spec.name] for spec in layout.specs}
-
-
-def load_hf_config(hf_dir: Path) -> Any:
-    """The AutoConfig of a folder; a missing or unreadable config.json is an error naming it."""
-    from transformers import AutoConfig
-
-    config_file = hf_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} does not exist (no Hugging Face config to convert with)")
-    try:
-        return AutoConfig.from_pretrained(str(hf_dir))
-    except (ValueError, KeyError, OSError) as err:
-        raise ValueError(f"cannot read {config_file}: {err}") from None
 
 
 def _convert(

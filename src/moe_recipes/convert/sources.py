@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from moe_recipes.train.checkpoint import resolve_checkpoint, verify_checkpoint
+from moe_recipes.layout import resolve_checkpoint, verify_checkpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"

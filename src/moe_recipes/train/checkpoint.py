@@ -29,9 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,28 +39,13 @@ import torch.distributed as dist
 
 from moe_recipes.config import Config
 from moe_recipes.faults import fault_point
-from moe_recipes.fileio import folder_bytes, is_out_of_space, out_of_space_error
-
-ITER_RE = re.compile(r"^iter_(\d{7,})$")
-HF_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "LICENSE",
-    "README.md",
+from moe_recipes.fileio import exchange, folder_bytes, is_out_of_space, out_of_space_error
+from moe_recipes.layout import (
+    HF_FILES,
+    ITER_RE,
+    iter_name,
+    list_checkpoints,
 )
-
-
-def iter_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def _barrier() -> None:
@@ -100,69 +83,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(save_dir: Path) -> list[Path]:
-    """Complete checkpoints in `save_dir`, oldest first."""
-    if not save_dir.is_dir():
-        return []
-    found = [p for p in save_dir.iterdir() if ITER_RE.match(p.name) and (p / "run_state.json").is_file()]
-    return sorted(found, key=lambda p: int(ITER_RE.match(p.name).group(1)))  # type: ignore[union-attr]
-
-
-def resolve_checkpoint(path: str | Path) -> Path | None:
-    """`SAVE` (via its `latest` pointer) or `SAVE/iter_NNNNNNN` -> that complete checkpoint, else None.
-
-    A complete checkpoint newer than `latest` (a crash between its rename and the `latest` update) is
-    taken instead, with a message. Every file the checkpoint lists is checked for its size."""
-    path = Path(path)
-    if ITER_RE.match(path.name):
-        if not (path / "run_state.json").is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no run_state.json)")
-        verify_checkpoint(path)
-        return path
-    latest = path / "latest"
-    if not latest.is_file():
-        return None
-    name = latest.read_text().strip()
-    target = path / name
-    if not ITER_RE.match(name) or not (target / "run_state.json").is_file():
-        why = "does not exist" if not target.exists() else "is not a complete checkpoint (no run_state.json)"
-        raise FileNotFoundError(f"{latest} names {name!r}, which {why}")
-    newest = list_checkpoints(path)[-1]
-    if _iteration(newest) > _iteration(target):
-        print(
-            f"[moe-recipes] {newest.name} is complete and newer than {latest} ({name}; the run stopped "
-            f"before updating it): using {newest.name}",
-            file=sys.stderr,
-            flush=True,
-        )
-        target = newest
-    verify_checkpoint(target)
-    return target
-
-
-def _iteration(ckpt: Path) -> int:
-    return int(ITER_RE.match(ckpt.name).group(1))  # type: ignore[union-attr]
-
-
-def verify_checkpoint(ckpt: Path) -> None:
-    """Every file run_state.json lists exists with its recorded size; ValueError naming the first that
-    does not (checkpoints written before the list was kept are not checked)."""
-    try:
-        state = json.loads((ckpt / "run_state.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{ckpt / 'run_state.json'} is not valid JSON ({err})") from None
-    for rel, size in state.get("files", {}).items():
-        f = ckpt / rel
-        if not f.is_file():
-            raise ValueError(f"checkpoint {ckpt}: {rel} is missing (the checkpoint lists it, {size} bytes)")
-        actual = f.stat().st_size
-        if actual != size:
-            raise ValueError(
-                f"checkpoint {ckpt}: {f} is {actual} bytes, but was written with {size} bytes "
-                "(damaged or only partly written); resume from an earlier checkpoint"
-            )
-
-
 def clean_leftovers(save_dir: Path) -> list[str]:
     """Remove what an interrupted save or prune left in `save_dir` (call with the save lock held, rank 0):
     `iter_N.tmp` folders, `iter_N` folders without run_state.json, a `latest.tmp`. Returns what it removed."""
@@ -192,7 +112,7 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
     try:
         engine.save_checkpoint(str(save_dir), tag=tmp.name, save_latest=False)
         if cfg.checkpoint.save_hf:
-            from moe_recipes.convert.export import export_hf  # collective; rank 0 writes tmp/hf
+            from moe_recipes.train.export import export_hf  # collective; rank 0 writes tmp/hf
 
             export_hf(engine, cfg, tmp / "hf")
         torch.save(rng_state(), tmp / f"rng_state_rank{rank}.pt")
@@ -212,9 +132,13 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
         raise out_of_space_error(err, tmp, folder_bytes(previous[-1]) if previous else None) from err
     if rank == 0:
         fault_point("before_rename", iteration)
-        if final.exists():  # an older run's checkpoint of this step, not the one `latest` names
+        if not final.exists():
+            os.replace(tmp, final)
+        elif exchange(tmp, final):  # a checkpoint of this step from an earlier run, which `latest` may name:
+            shutil.rmtree(tmp)  # swapped in one step, so `latest` never names a missing folder
+        else:  # no atomic swap on this system: a crash in between leaves `latest` naming a missing folder
             shutil.rmtree(final)
-        os.replace(tmp, final)
+            os.replace(tmp, final)
         fault_point("after_rename", iteration)
         write_atomic(save_dir / "latest", name + "\n", iteration)
         fault_point("after_latest", iteration)

@@ -118,7 +118,7 @@ def _check_chat_files(cfg: Config) -> None:
 def _resume_checkpoint(cfg: Config) -> tuple[Path | None, str | None]:
     """The checkpoint `checkpoint.load` names. Loading from checkpoint.save itself (`--resume`) may find
     nothing yet and start fresh; any other checkpoint.load must name an existing checkpoint."""
-    from moe_recipes.train.checkpoint import resolve_checkpoint
+    from moe_recipes.layout import resolve_checkpoint
 
     load = cfg.checkpoint.load
     if not load:

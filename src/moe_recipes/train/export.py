@@ -18,10 +18,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moe_recipes.convert.hf import load_hf_config
-from moe_recipes.convert.hf_folder import (
+from moe_recipes.hf_folder import (
     TensorSpec,
     layout_of,
+    load_hf_config,
     parse_size,
     plan_shards,
     prepare_tensor,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moe_recipes.fileio import publish, staging_dir  # noqa: F401 - re-exported for convert
-from moe_recipes.train.checkpoint import HF_FILES
+from moe_recipes.layout import HF_FILES
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIG_DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -258,3 +258,16 @@ def check_output(output: Path, overwrite: bool, protected: Iterable[Path] = ()) 
         raise ValueError(f"output {output} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output folder {output} already exists (pass --overwrite to replace it)")
+
+
+def load_hf_config(hf_dir: Path) -> Any:
+    """The AutoConfig of a folder; a missing or unreadable config.json is an error naming it."""
+    from transformers import AutoConfig
+
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist (no Hugging Face config to convert with)")
+    try:
+        return AutoConfig.from_pretrained(str(hf_dir))
+    except (ValueError, KeyError, OSError) as err:
+        raise ValueError(f"cannot read {config_file}: {err}") from None

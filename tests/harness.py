@@ -1,4 +1,4 @@
-"""Run code in several real processes, for tests of distributed code on CPU (gloo) and for cluster checks.
+"""Run code in several real processes, for the tests of distributed code on CPU (gloo) and the benchmarks.
 
 - `run_distributed(fn, world_size, *args)` starts `world_size` fresh Python processes with RANK/WORLD_SIZE/
   LOCAL_RANK/MASTER_ADDR/MASTER_PORT set and a process group initialised, calls `fn(*args, **kwargs)` in
@@ -6,9 +6,8 @@
 - `run_cli_distributed(argv, world_size, launcher)` runs `python -m moe_recipes.cli *argv` under a real
   launcher (torchrun, mpirun, the deepspeed launcher, srun); `run_module_distributed` does the same for any
   module.
-- `python -m moe_recipes.distributed.testing [--use-deepspeed] [--out DIR]` is a probe: it initialises the
-  process group like training does, all-reduces the ranks and prints one JSON line per rank. Run it under
-  your launcher to check a cluster set-up before a long job.
+- The cluster check that users run under their launcher is `moe_recipes.distributed.probe`, in the package;
+  this harness is for the tests and benchmarks of this repository.
 
 Children are separate interpreters (subprocess, not fork) so that each starts clean, as under a launcher;
 they get OMP_NUM_THREADS=1 unless it is set, because several ranks share the CPU cores here.
@@ -16,8 +15,6 @@ they get OMP_NUM_THREADS=1 unless it is set, because several ranks share the CPU
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pickle
 import shutil
@@ -51,9 +48,7 @@ _JOB_VARS = (
     "TORCHELASTIC_RUN_ID",
 )
 _GRACE_S = 5.0  # after one rank fails, how long the others get to finish or fail before they are killed
-_WORKER_CODE = (
-    "import sys; from moe_recipes.distributed.testing import _worker_main; sys.exit(_worker_main())"
-)
+_WORKER_CODE = "import sys; from tests.harness import _worker_main; sys.exit(_worker_main())"
 
 
 class LaunchError(subprocess.CalledProcessError):
@@ -102,7 +97,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen) -> None:
     """Kill a child started with start_new_session=True together with everything it started, including
     processes in sessions of their own (torchrun starts each worker in a new session, and a SIGKILLed
     torchrun cannot take them down; they would keep running and hold the output pipes open)."""
@@ -213,7 +208,7 @@ def _wait_for_ranks(procs: list[subprocess.Popen], timeout: float, what: str) ->
         if now > deadline:
             hung = [r for r, c in enumerate(codes) if c is None]
             for p in procs:
-                _kill_group(p)
+                kill_tree(p)
             raise TimeoutError(f"{what}: rank(s) {hung} still running after {timeout:g} s; killed them")
         time.sleep(0.05)
 
@@ -315,7 +310,7 @@ def run_distributed(
         finally:
             for p in procs:
                 if p.poll() is None:
-                    _kill_group(p)
+                    kill_tree(p)
         return _collect(results, procs, failed, what)
 
 
@@ -425,7 +420,7 @@ def run_module_distributed(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_tree(proc)
         out, err = proc.communicate()
         raise TimeoutError(
             f"{launcher} job still running after {timeout:g} s; killed it: {' '.join(cmd)}\n"
@@ -433,7 +428,7 @@ def run_module_distributed(
         ) from None
     finally:
         if proc.poll() is None:  # interrupted while waiting
-            _kill_group(proc)
+            kill_tree(proc)
     if proc.returncode != 0:
         raise LaunchError(proc.returncode, cmd, out, err)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -449,82 +444,3 @@ def run_cli_distributed(
 ) -> subprocess.CompletedProcess[str]:
     """Run `moe-recipes *argv` (as `python -m moe_recipes.cli`) under a launcher; see run_module_distributed."""
     return run_module_distributed("moe_recipes.cli", argv, world_size, launcher, timeout, env, cwd)
-
-
-# ----------------------------------------------------------------------------------------------
-# The probe
-# ----------------------------------------------------------------------------------------------
-
-
-def probe(use_deepspeed: bool = False, backend: str | None = None) -> dict[str, Any]:
-    """Initialise the process group as training does, all-reduce the ranks and report what every rank saw."""
-    import socket
-
-    import torch
-    import torch.distributed as dist
-
-    from moe_recipes.distributed.env import destroy_distributed, device_for, init_distributed
-
-    env = init_distributed(backend=backend, use_deepspeed=use_deepspeed)
-    try:
-        total = torch.tensor([float(env.rank)], device=device_for(env))
-        dist.all_reduce(total)
-        me = {
-            "rank": env.rank,
-            "local_rank": env.local_rank,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
-        peers: list[Any] = [None] * env.world_size
-        dist.all_gather_object(peers, me)
-        deepspeed_knows = False
-        if use_deepspeed:
-            import deepspeed.comm
-
-            deepspeed_knows = bool(deepspeed.comm.is_initialized())
-        record = {
-            **me,
-            "world_size": env.world_size,
-            "local_world_size": env.local_world_size,
-            "launcher": env.launcher,
-            "master_addr": env.master_addr,
-            "master_port": env.master_port,
-            "backend": str(dist.get_backend()),
-            "group_size": dist.get_world_size(),
-            "sum": total.item(),
-            "expected_sum": float(sum(range(env.world_size))),
-            "peers": peers,
-            "deepspeed": deepspeed_knows,
-        }
-    finally:
-        destroy_distributed()
-    return record
-
-
-def _probe_main(argv: Sequence[str] | None = None) -> int:
-    """Command line of the probe; prints `PROBE {json}` per rank and writes OUT/rank<N>.json."""
-    parser = argparse.ArgumentParser(
-        prog="python -m moe_recipes.distributed.testing",
-        description="Check a launcher set-up: every rank joins the process group, all-reduces its rank and "
-        "prints one line `PROBE {json}` (rank, world size, local rank, sum, peers' hosts).",
-    )
-    parser.add_argument("--use-deepspeed", action="store_true", help="let DeepSpeed create the group")
-    parser.add_argument("--backend", default=None, help="nccl / gloo (default: nccl with CUDA, else gloo)")
-    parser.add_argument("--out", default=None, metavar="DIR", help="also write DIR/rank<N>.json")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    record = probe(use_deepspeed=args.use_deepspeed, backend=args.backend)
-    # One write per line: under `python -u` print() would write the newline separately and the ranks'
-    # lines could interleave on a shared pipe.
-    sys.stdout.write("PROBE " + json.dumps(record, sort_keys=True) + "\n")
-    sys.stdout.flush()
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"rank{record['rank']}.json").write_text(json.dumps(record, sort_keys=True))
-    ok = record["sum"] == record["expected_sum"] and record["group_size"] == record["world_size"]
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_probe_main())

@@ -354,5 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
+def run() -> None:
+    """The `moe-recipes` command and `python -m moe_recipes.cli` (what launchers start)."""
+    code = main()
+    if "moe_recipes.distributed.env" in sys.modules:
+        from moe_recipes.distributed.env import exit_process
+
+        code = exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

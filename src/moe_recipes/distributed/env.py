@@ -494,6 +494,8 @@ def init_distributed(
             dist_init_required=True,
         )
     _STATE["env"] = env
+    if env.world_size > 1:
+        _STATE["multi_rank"] = env
     return env
 
 
@@ -594,3 +596,19 @@ def destroy_distributed() -> None:
     if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
         # DeepSpeed caches its backend object; left in place it would point at the destroyed group.
         ds_comm.cdb = None
+
+
+def exit_process(code: int) -> int:
+    """End a process that took part in a multi-rank job at once, after flushing its output; else return
+    `code` for a normal exit.
+
+    Once the work is done and the group destroyed, letting the interpreter tear down (DeepSpeed's and
+    gloo's objects collected in whatever order) sometimes aborted a rank with "terminate called without an
+    active exception" (SIGABRT) after the run had finished and saved, failing the whole job under torchrun
+    and mpirun. Nothing is left to run at that point, so the process leaves without the teardown.
+    """
+    if "multi_rank" not in _STATE:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

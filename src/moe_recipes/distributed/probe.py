@@ -86,4 +86,6 @@ def _probe_main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_probe_main())
+    from moe_recipes.distributed.env import exit_process
+
+    sys.exit(exit_process(_probe_main()))

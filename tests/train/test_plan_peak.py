@@ -61,8 +61,10 @@ def measured_runs(tmp_path_factory, tiny_models, tiny_dataset):
     Each run is a fresh process (`peak_probe.py`): the peaks do not mix, and starting them at once keeps
     the wall time of the four runs near that of two on two cores.
     """
+    # Only what a fresh shell would have: variables earlier tests of this session left in os.environ (a
+    # run's RANK/MASTER_*, allocator settings) must not change what the probes measure.
     env = {
-        **os.environ,
+        **{k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ},
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
         "OMP_NUM_THREADS": "1",
         # glibc raises its mmap threshold as large blocks are freed, after which freed tensors stay in the
@@ -71,9 +73,7 @@ def measured_runs(tmp_path_factory, tiny_models, tiny_dataset):
         # memory, which is what the plan (and a GPU's allocator statistics) describe.
         "MALLOC_MMAP_THRESHOLD_": "65536",
         "MALLOC_TRIM_THRESHOLD_": "0",
-        # Importing moe_recipes.cli (earlier tests do) turns on PyTorch's huge-page allocator for this
-        # process and its children; its 2 MiB-aligned blocks inflate the resident set of a run this small
-        "THP_MEM_ALLOC_ENABLE": "0",
+        "THP_MEM_ALLOC_ENABLE": "0",  # as the trainer runs without the moe-recipes command
     }
     started = {}
     for name, (_, extra) in TINY.items():

@@ -20,12 +20,13 @@ def main(config_path: str) -> None:
     import deepspeed  # noqa: F401  (imported by the run; counted in the baseline)
 
     from moe_recipes.config import load_config
+    from moe_recipes.train.metrics import peak_rss_bytes
     from moe_recipes.train.trainer import train
 
     cfg = load_config(config_path)
     baseline = _rss_bytes()
     rc = train(cfg)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()  # not ru_maxrss: it starts at the test session's size, inherited across exec
     print(json.dumps({"rc": rc, "baseline": baseline, "growth": peak - baseline}))
 
 

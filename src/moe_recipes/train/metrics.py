@@ -35,9 +35,23 @@ def peak_memory_gb() -> float:
     """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set size."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
+    return peak_rss_bytes() / 2**30
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process since it started its program: VmHWM on Linux. Not ru_maxrss,
+    which Linux carries across exec, so a process started by a large one (a test session, a launcher)
+    would report its parent's size at the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def expert_load_summary(counts: torch.Tensor) -> tuple[list[list[float]], list[float]]:

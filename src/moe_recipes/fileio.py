@@ -102,23 +102,35 @@ class RunLock:
 
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         self.path = lock_path
-        self._file = open(self.path, "a+")  # noqa: SIM115 - held for the life of the lock
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "a process that has not written its name yet"
-            self._file.close()
-            raise InUseError(
-                f"{what} is in use by another run ({holder}); wait for it to finish or "
-                f"point this run elsewhere (lock file {self.path})"
-            ) from None
+        while True:
+            self._file = open(self.path, "a+")  # noqa: SIM115 - held for the life of the lock
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._file.seek(0)
+                holder = self._file.read().strip() or "a process that has not written its name yet"
+                self._file.close()
+                raise InUseError(
+                    f"{what} is in use by another run ({holder}); wait for it to finish or "
+                    f"point this run elsewhere (lock file {self.path})"
+                ) from None
+            if self._still_the_file():
+                break
+            self._file.close()  # the holder released (and removed) it between our open and our lock: again
         self._file.seek(0)
         self._file.truncate()
         self._file.write(
             f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         )
         self._file.flush()
+
+    def _still_the_file(self) -> bool:
+        """Whether the path still names the file we locked (release() removes it, so a lock taken on the
+        removed file would be a second holder)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (a refused user never waits, so removing it is safe)."""

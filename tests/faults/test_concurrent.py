@@ -132,3 +132,29 @@ def test_two_runs_share_one_cache_dir(tmp_path, tiny_mixtral, tiny_dataset):
         assert logs.count(f"reusing sample index for {split} split") == 1, logs
     assert outs[0][1] == outs[1][1] and outs[0][1].startswith("samples [")
     assert len(list((tmp_path / "cache").glob("*.lock"))) == 2
+
+
+def test_a_lock_released_between_open_and_lock_is_taken_again_on_the_new_file(tmp_path, monkeypatch):
+    """release() removes the lock file. A run that opened the old file just before, and locks it just
+    after, must not hold a lock on the removed file while a third run locks a new one: it locks again."""
+    import fcntl
+
+    from moe_recipes.fileio import InUseError, RunLock
+
+    path = tmp_path / ".lock"
+    first = RunLock(path, "test")
+    real_flock, calls = fcntl.flock, []
+
+    def release_first_then_lock(f, op):
+        if not calls:  # the second run has opened the file; the first one lets go right now
+            first.release()
+        calls.append(op)
+        return real_flock(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", release_first_then_lock)
+    second = RunLock(path, "test")
+    monkeypatch.undo()
+    assert len(calls) == 2  # the lock on the removed file was dropped and taken again on the new one
+    with pytest.raises(InUseError, match="in use by another run"):
+        RunLock(path, "test")  # a third run sees the second one's lock
+    second.release()

@@ -43,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.assets import CORPUS_EN, CORPUS_JA, DEEPSEEK_TOKENIZER  # noqa: E402
+from tests.harness import JOB_VARS  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 SPEED_GOAL = 1.2  # ours / HF tokens/s, at least
@@ -50,7 +51,6 @@ MEMORY_GOAL = 0.7  # ours / HF peak memory per rank, at most
 # DeepSpeed ZeRO with `distributed.reduce_dtype=bf16`: gradients reduced in bf16, as HF Trainer's DeepSpeed
 # bf16 mode does; measured for multi-process bf16 only (elsewhere it is the same as "deepspeed").
 BF16_REDUCE = "deepspeed-bf16reduce"
-JOB_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass

@@ -33,7 +33,7 @@ from moe_recipes.distributed.env import LOOPBACK, find_free_port
 LAUNCH_LAUNCHERS = ("torchrun", "mpirun", "deepspeed", "srun")
 # Variables that describe *this* process's place in a job; a launched job must not inherit them (under
 # mpirun an inherited RANK would win over OMPI_COMM_WORLD_RANK).
-_JOB_VARS = (
+JOB_VARS = (
     "RANK",
     "LOCAL_RANK",
     "WORLD_SIZE",
@@ -74,7 +74,7 @@ def free_port() -> int:
 def _child_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without job variables, with OMP_NUM_THREADS=1 by default and our
     sys.path on PYTHONPATH (so children import the same code, tests included)."""
-    environ = {k: v for k, v in os.environ.items() if k not in _JOB_VARS}
+    environ = {k: v for k, v in os.environ.items() if k not in JOB_VARS}
     environ.setdefault("OMP_NUM_THREADS", "1")
     paths = [p for p in sys.path if p] + environ.get("PYTHONPATH", "").split(os.pathsep)
     environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))

@@ -10,12 +10,10 @@ from pathlib import Path
 
 from moe_recipes.faults import FAULT_ENV
 from moe_recipes.layout import ITER_RE, list_checkpoints, verify_checkpoint
-from tests.harness import free_port, launch_command
+from tests.harness import JOB_VARS, free_port, launch_command
 
 from ..train.utils import step_records, write_config
 
-# Variables of an in-process run of an earlier test (its MASTER_PORT may still be taken)
-JOB_VARS = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 KILLED = -9  # Popen's returncode of a process killed by SIGKILL
 
 

@@ -74,7 +74,7 @@ def _measure(defer: bool, accum: int, size: dict, seq: int, steps: int) -> dict:
     cfg.distributed.engine = "fsdp2"
     cfg.distributed.fsdp_defer_grad_sync = defer
     cfg.train.precision = "fp32"
-    engine, _ = initialize_fsdp(objective, cfg, info.decoder_layer_classes, accum, torch.device("cpu"))
+    engine, _ = initialize_fsdp(objective, cfg, info, accum, torch.device("cpu"))
     del model, objective
     rank = torch.distributed.get_rank()
     gen = torch.Generator().manual_seed(1000 + rank)  # the same micro-batches in every configuration

@@ -288,6 +288,11 @@ class DistributedConfig:
         "DeepSpeed's bf16 mode; each rank's gradient is rounded to bf16 before the sum; needs "
         "train.precision=bf16)",
     )
+    expert_parallel_size: int = _f(
+        1,
+        "expert parallelism: spread each MoE layer's routed experts over groups of N consecutive ranks and "
+        "send tokens to their experts with all-to-all (N divides the processes and the expert count; 1: off)",
+    )
     backend: str | None = _f(None, "torch.distributed backend (default: nccl with CUDA, else gloo)")
     timeout_minutes: float = _f(
         30.0, "collective timeout: how long a rank waits for the others in a collective"
@@ -298,6 +303,23 @@ class DistributedConfig:
         "MASTER_ADDR unreachable) and for another process's build of a PyTorch extension, before they stop "
         "with a message",
     )
+
+    def _validate_expert_parallel(self) -> None:
+        """What can be told from the config alone; the process and expert counts are checked at start."""
+        ep = self.expert_parallel_size
+        if ep < 1:
+            raise ValueError(f"distributed.expert_parallel_size must be >= 1, got {ep}")
+        if ep == 1:
+            return
+        if self.engine == "deepspeed":
+            raise ValueError(
+                f"distributed.expert_parallel_size={ep} needs distributed.engine=fsdp2 (not yet with DeepSpeed)"
+            )
+        if self.fsdp_shard_size is not None:
+            raise ValueError(
+                f"distributed.expert_parallel_size={ep} cannot be combined with distributed.fsdp_shard_size="
+                f"{self.fsdp_shard_size} (hybrid sharding); leave fsdp_shard_size unset"
+            )
 
     def validate(self) -> None:
         _choice("distributed.engine", self.engine, ("deepspeed", "fsdp2"))
@@ -321,6 +343,7 @@ class DistributedConfig:
         if wrong:
             raise ValueError(f"distributed.{wrong[0]} does not apply to distributed.engine={self.engine}")
         _choice("distributed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        self._validate_expert_parallel()
         _choice("distributed.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("distributed.offload_params needs distributed.zero_stage=3")

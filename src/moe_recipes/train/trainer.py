@@ -153,7 +153,7 @@ def _setup(cfg: Config) -> Run:
     if use_ds:
         engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
     else:
-        engine, optimizer = initialize_fsdp(objective, cfg, info.decoder_layer_classes, grad_accum, device)
+        engine, optimizer = initialize_fsdp(objective, cfg, info, grad_accum, device)
     data = build_training_data(cfg)
     writer = MetricsWriter(
         cfg.log.dir, env.rank == 0, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from moe_recipes.convert.hf import convert_checkpoint
 from moe_recipes.models.init import init_model
+from moe_recipes.train import trainer
 from tests.assets import MIXTRAL_TOKENIZER
 from tests.harness import run_cli_distributed
 
-from .utils import step_records, write_config
+from ..convert.utils import logits_of, probe_ids
+from .utils import make_config, step_records, write_config
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
@@ -60,3 +66,187 @@ def test_fsdp2_ep2_matches_ep1(tmp_path, ep_models, tiny_dataset, arch):
     for step in ref:
         for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
             assert ep[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-8), (step, key)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.mark.distributed
+def test_fsdp2_ep_checkpoints_reshard_and_convert(tmp_path, ep_models, tiny_dataset):
+    """EP=2 on 2 processes -> EP=1 on 1 process -> EP=2 on 2 processes, each resuming the other's DCP
+    checkpoint, trains like one uninterrupted EP=1 run; `convert` of an EP checkpoint writes the very
+    weights the live export gathers, and gives the reference run's logits."""
+    model = ep_models["deepseek_v3"]  # shared experts, sigmoid routing with a correction bias, groups
+    common = (
+        "train.iters=6",
+        "train.global_batch_size=8",
+        "eval.iters=0",
+        "distributed.engine=fsdp2",
+        "moe.bias_update_rate=0.01",
+    )
+    ref = _train(tmp_path / "ref", model, tiny_dataset, *common, f"checkpoint.save={tmp_path / 'ref_ckpt'}")
+    ckpt = tmp_path / "ckpt"
+    ep = (*common, f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", "train.exit_interval=2")
+    first = _train(tmp_path / "a", model, tiny_dataset, *ep, "distributed.expert_parallel_size=2")
+    (tmp_path / "b").mkdir()
+    assert trainer.train(make_config(tmp_path / "b", model, tiny_dataset, *ep)) == 0  # 1 process
+    last = _train(
+        tmp_path / "c",
+        model,
+        tiny_dataset,
+        *ep,
+        "distributed.expert_parallel_size=2",
+        "checkpoint.save_hf=true",
+    )
+    second = step_records(tmp_path / "b" / "run")
+    got = {**first, **second, **last}
+    assert sorted(first) == [1, 2] and sorted(second) == [3, 4] and sorted(last) == [5, 6]
+    for step in ref:
+        for key in ("lm_loss", "aux_loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)
+    final = ckpt / "iter_0000006"
+    assert json.loads((final / "run_state.json").read_text())["world_size"] == 2
+    converted = convert_checkpoint(final, tmp_path / "converted")
+    exported, written = _tensors(final / "hf"), _tensors(Path(converted))
+    assert exported.keys() == written.keys()
+    assert any(k.endswith("experts.gate_up_proj") and v.shape[0] == 4 for k, v in written.items())
+    for name, tensor in written.items():
+        assert torch.equal(tensor, exported[name]), name
+    reference = convert_checkpoint(tmp_path / "ref_ckpt" / "iter_0000006", tmp_path / "ref_converted")
+    ids = probe_ids()
+    torch.testing.assert_close(logits_of(converted, ids), logits_of(reference, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "features",
+    [
+        (
+            "moe.global_aux_loss_coef=0.01",
+            "moe.seq_aux_loss_coef=0.01",
+            "train.activation_checkpointing=true",
+        ),
+        ("moe.freeze=[experts]", "moe.aux_loss_type=per_layer"),
+        ("moe.freeze=[router]", "moe.z_loss_coef=0.01"),
+    ],
+    ids=["global-seq-aux-checkpointing", "frozen-experts", "frozen-router"],
+)
+def test_fsdp2_ep_keeps_the_moe_features(tmp_path, ep_models, tiny_dataset, features):
+    common = (*PARITY, "distributed.engine=fsdp2", *features)
+    ref = _train(tmp_path / "ep1", ep_models["qwen2_moe"], tiny_dataset, *common)
+    ep = _train(
+        tmp_path / "ep2", ep_models["qwen2_moe"], tiny_dataset, *common, "distributed.expert_parallel_size=2"
+    )
+    keys = ["lm_loss", "aux_loss", "z_loss", "grad_norm"]
+    keys += [k for k in ("global_aux_loss", "seq_aux_loss") if ref[1][k] is not None]
+    for step in ref:
+        assert ep[step]["expert_share"] == ref[step]["expert_share"], step  # same routing, same counts
+        for key in keys:
+            assert ep[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-8), (step, key)
+
+
+@pytest.mark.distributed
+def test_fsdp2_ep_in_bf16_tracks_ep1(tmp_path, ep_models, tiny_dataset):
+    """bf16 compute: tokens travel in bf16; the losses follow the EP=1 run to bf16 rounding."""
+    common = (*PARITY, "distributed.engine=fsdp2", "train.precision=bf16")
+    ref = _train(tmp_path / "ep1", ep_models["mixtral"], tiny_dataset, *common)
+    ep = _train(
+        tmp_path / "ep2", ep_models["mixtral"], tiny_dataset, *common, "distributed.expert_parallel_size=2"
+    )
+    for step in ref:
+        assert ep[step]["lm_loss"] == pytest.approx(ref[step]["lm_loss"], rel=1e-2), step
+
+
+@pytest.fixture
+def nothing_expensive(monkeypatch):
+    """The rendezvous and the model load fail loudly: an EP misfit must be found before them."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reached an expensive step before the expert-parallel check failed")
+
+    monkeypatch.setattr(trainer, "init_distributed", forbidden)
+    monkeypatch.setattr(trainer, "load_model", forbidden)
+
+
+@pytest.fixture(scope="module")
+def dense_model(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("dense") / "qwen2"
+    return init_model(
+        arch="qwen2",
+        tokenizer_dir=str(MIXTRAL_TOKENIZER),
+        output_dir=str(out),
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        max_position_embeddings=128,
+    )
+
+
+@pytest.mark.parametrize(
+    ("world", "ep", "model", "message"),
+    [
+        (2, 4, "mixtral", "expert_parallel_size=4 does not divide the 2 processes"),
+        (3, 2, "mixtral", "expert_parallel_size=2 does not divide the 3 processes"),
+        (
+            8,
+            8,
+            "mixtral",
+            "expert_parallel_size=8 does not divide the model's 4 routed experts in model.path",
+        ),
+        (2, 2, "dense", "expert_parallel_size=2, but the model in model.path .* has no MoE layers"),
+    ],
+)
+def test_ep_misfits_fail_before_anything_loads(
+    tmp_path, ep_models, dense_model, tiny_dataset, nothing_expensive, monkeypatch, world, ep, model, message
+):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", str(world))):
+        monkeypatch.setenv(var, value)
+    path = dense_model if model == "dense" else ep_models[model]
+    cfg = make_config(
+        tmp_path, path, tiny_dataset, "distributed.engine=fsdp2", f"distributed.expert_parallel_size={ep}"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("distributed.expert_parallel_size=0",), "expert_parallel_size must be >= 1, got 0"),
+        (
+            ("distributed.expert_parallel_size=2", "distributed.fsdp_shard_size=1"),
+            "expert_parallel_size=2 cannot be combined with distributed.fsdp_shard_size=1",
+        ),
+    ],
+)
+def test_ep_config_errors_name_the_values(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, "model", "data", "distributed.engine=fsdp2", *extra)
+
+
+@pytest.mark.distributed
+def test_four_processes_ep2_and_ep4_match_ep1(tmp_path, ep_models, tiny_dataset):
+    """4 ranks: EP=2 (two EP groups, each expert FSDP-sharded over 2 ranks) and EP=4 (one expert a rank)."""
+    common = ("train.iters=3", "train.global_batch_size=8", "train.micro_batch_size=1", "eval.iters=0")
+    common += ("distributed.engine=fsdp2",)
+    runs = {}
+    for ep in (1, 2, 4):
+        (tmp_path / f"ep{ep}").mkdir()
+        config = write_config(
+            tmp_path / f"ep{ep}",
+            ep_models["mixtral"],
+            tiny_dataset,
+            *common,
+            f"distributed.expert_parallel_size={ep}",
+        )
+        run_cli_distributed(["train", str(config)], world_size=4, launcher="torchrun", timeout=600)
+        runs[ep] = step_records(tmp_path / f"ep{ep}" / "run")
+    for ep in (2, 4):
+        for step in runs[1]:
+            for key in ("lm_loss", "aux_loss", "grad_norm"):
+                assert runs[ep][step][key] == pytest.approx(runs[1][step][key], rel=1e-5), (ep, step, key)

@@ -113,6 +113,11 @@ def shard_model(
                 **{**kwargs, "mesh": expert_mesh["efsdp"]},
             )
             module.set_gradient_divide_factor(float(mesh.size()))
+            # gloo has no PREMUL_SUM: reduce with SUM and divide apart. Not on a one-rank group, where
+            # FSDP2 divides once more by the factor itself (the gradient would come out W times too small).
+            efsdp = expert_mesh.get_group("efsdp")
+            if dist.get_backend(efsdp) == "gloo" and efsdp.size() > 1:
+                module.set_force_sum_reduction_for_comms(True)
     layers = [m for m in objective.modules() if type(m) in decoder_layer_classes]
     if not layers:
         names = sorted(c.__name__ for c in decoder_layer_classes)

@@ -44,6 +44,7 @@ def preflight(cfg: Config) -> Preflight:
         _check_chat_files(cfg)
     else:
         _check_pretrain_data(cfg.data.path, vocab)
+    check_expert_parallel_fits(cfg)
     result = Preflight(vocab_size=vocab, resume_from=None, warnings=ineffective_settings(cfg))
     result.resume_from, note = _resume_checkpoint(cfg)
     if note:
@@ -79,6 +80,22 @@ def model_vocab_size(path: str) -> int:
     if not isinstance(vocab, int) or vocab <= 0:
         raise ValueError(f"model.path: {folder / 'config.json'} has no valid vocab_size ({vocab!r})")
     return vocab
+
+
+def check_expert_parallel_fits(cfg: Config, world_size: int | None = None) -> None:
+    """`distributed.expert_parallel_size` against the process count (from the launcher's variables) and
+    the model's routed experts (read from a meta-device build of its config: no weights are loaded)."""
+    ep = cfg.distributed.expert_parallel_size
+    if ep == 1:
+        return
+    from moe_recipes.distributed.env import detect_env
+    from moe_recipes.distributed.expert_parallel import check_expert_parallel
+    from moe_recipes.models.inspect import inspect_model
+    from moe_recipes.train.plan import meta_model
+
+    world = detect_env().world_size if world_size is None else world_size
+    info = inspect_model(meta_model(cfg.model.path))
+    check_expert_parallel(ep, world, info.num_experts, where=f" in model.path {cfg.model.path}")
 
 
 def _check_pretrain_data(data_path: Any, vocab: int) -> None:

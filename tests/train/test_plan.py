@@ -99,3 +99,20 @@ def test_warning_when_over_memory(tmp_path):
     assert note is not None and "memory plan needs" in note
     cfg.model.path = str(tmp_path / "missing")
     assert warn_if_over_memory(cfg, cfg.model.path, 1, torch.device("cpu")) is None
+
+
+def test_expert_parallel_gathers_a_share_of_the_experts():
+    """Mixtral-8x7B on 8 GPUs with FSDP2: the same 1/8 shards with or without EP, but EP=8 gathers one
+    expert of a layer instead of all eight (the experts are 96% of a layer)."""
+    overrides = [f"model.path={CONFIGS / 'mixtral-8x7b'}", "distributed.engine=fsdp2"]
+    cfg = load_config(REPO / "configs" / "mixtral-8x7b.yaml", overrides)
+    plain = plan(cfg, cfg.model.path, Hardware(8, 1, 80))
+    cfg.distributed.expert_parallel_size = 8
+    ep = plan(cfg, cfg.model.path, Hardware(8, 1, 80))
+    assert "expert parallel 8" in ep.engine
+    experts, layer = ep.model.largest_layer_expert_params, ep.model.largest_layer_params
+    assert experts == 8 * 3 * 4096 * 14336 and experts / layer > 0.95
+    for key in ("parameters (fp32 shard)", "AdamW moments (fp32 shard)"):
+        assert ep.device[key] == plain.device[key]
+    gathered = next(k for k in ep.device if k.startswith("gathered layers"))
+    assert plain.device[gathered] - ep.device[gathered] == 2 * 2 * experts * 7 // 8  # bf16, 2 layers

@@ -18,7 +18,10 @@ this project actually runs (`train.engine`, `train.fsdp_engine`, `train.objectiv
   dtype, fp32 here), so for MoE models this is the attention, routers, shared experts and LM head.
 * FSDP2 shards fp32 parameters, fp32 gradients and the AdamW moments over the shard group
   (`distributed.fsdp_shard_size`, default all ranks) and gathers decoder layers in the compute dtype (bf16
-  with precision=bf16); the root (embeddings, final norm, LM head) stays gathered through the step.
+  with precision=bf16); the root (embeddings, final norm, LM head) stays gathered through the step. With
+  expert parallelism (`distributed.expert_parallel_size` = EP) the states are still 1/W per rank, but a
+  layer's routed experts are gathered only across the EP groups, so a gathered layer holds 1/EP of them.
+  Activations assume balanced routing (each rank computes as many expert rows as it sends).
 * Activations are counted per token from the matmuls of each decoder layer (input + output of every
   weight matrix, times top-k for fused expert weights, plus the fp32 inputs of the norms). With
   activation checkpointing a layer keeps only its input and one layer is recomputed at a time.
@@ -87,6 +90,7 @@ class ModelShape:
     act_elems_per_token: list[tuple[int, int, int]]
     num_experts: int
     top_k: int
+    largest_layer_expert_params: int = 0  # the routed experts (fused 3-D weights) of the largest layer
 
 
 @dataclass
@@ -178,6 +182,7 @@ def model_shape(model: nn.Module, cfg: Config) -> ModelShape:
     trainable = freeze_parameters(model, info, cfg.moe.freeze, cfg.moe.freeze_patterns).trainable
     layers = [m for m in model.modules() if type(m) in info.decoder_layer_classes]
     layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    expert_sizes = [sum(p.numel() for p in layer.parameters() if p.dim() == 3) for layer in layers]
     acts = [_layer_activations(layer, max(info.top_k, 1)) for layer in layers]
     embedding = model.get_input_embeddings().weight
     text = model.config.get_text_config()
@@ -196,6 +201,7 @@ def model_shape(model: nn.Module, cfg: Config) -> ModelShape:
         act_elems_per_token=acts,
         num_experts=info.num_experts,
         top_k=info.top_k,
+        largest_layer_expert_params=expert_sizes[layer_sizes.index(max(layer_sizes))] if layers else 0,
     )
 
 
@@ -215,6 +221,9 @@ def plan_for_shape(cfg: Config, shape: ModelShape, hardware: Hardware) -> Memory
     shard = (d.fsdp_shard_size or world) if fsdp else world
     if fsdp and world % shard:
         raise ValueError(f"distributed.fsdp_shard_size={shard} does not divide the {world} GPUs planned for")
+    from moe_recipes.distributed.expert_parallel import check_expert_parallel
+
+    check_expert_parallel(d.expert_parallel_size, world, shape.num_experts)
     out = MemoryPlan(
         hardware=hardware,
         engine=_engine_name(cfg, shard, world),
@@ -235,6 +244,8 @@ def _engine_name(cfg: Config, shard: int, world: int) -> str:
         offload = [k for k in ("offload_optimizer", "offload_params") if getattr(d, k)]
         return f"DeepSpeed ZeRO-{d.zero_stage}" + (f" ({', '.join(offload)})" if offload else "")
     name = "FSDP2" if shard == world else f"FSDP2 hybrid (shard {shard}, replicate {world // shard})"
+    if d.expert_parallel_size > 1:
+        name += f" + expert parallel {d.expert_parallel_size}"
     return name + (" (cpu offload)" if d.fsdp_cpu_offload else "")
 
 
@@ -300,15 +311,14 @@ def _fsdp_states(out: MemoryPlan, cfg: Config) -> None:
         # themselves (measured on CPU: the step's peak is the states plus activations and the head)
         return
     layers = 2 if d.fsdp_reshard_after_forward else s.num_layers
-    out.device[f"gathered layers ({'bf16' if e == 2 else 'fp32'}, {layers} layers)"] = (
-        e * layers * s.largest_layer_params
-    )
+    # With expert parallelism a layer's experts are gathered only across the EP groups: 1/EP of them
+    ep = d.expert_parallel_size
+    layer = s.largest_layer_params - s.largest_layer_expert_params * (ep - 1) // ep
+    out.device[f"gathered layers ({'bf16' if e == 2 else 'fp32'}, {layers} layers)"] = e * layers * layer
     out.device["gathered root (embeddings, head)"] = e * s.root_params
     # unsharded gradient of the layer in backward, plus its fp32 copy for the reduce-scatter
     grad_bytes = e + (4 if e == 2 and d.reduce_dtype == "fp32" else 0)
-    out.device["gradients of one layer + root (unsharded)"] = grad_bytes * (
-        s.largest_layer_params + s.root_params
-    )
+    out.device["gradients of one layer + root (unsharded)"] = grad_bytes * (layer + s.root_params)
 
 
 def _activations(out: MemoryPlan, cfg: Config) -> None:

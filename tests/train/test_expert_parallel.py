@@ -16,7 +16,7 @@ from tests.assets import MIXTRAL_TOKENIZER
 from tests.harness import run_cli_distributed
 
 from ..convert.utils import logits_of, probe_ids
-from .utils import make_config, step_records, write_config
+from .utils import make_config, metrics, step_records, write_config
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
@@ -129,6 +129,8 @@ def test_fsdp2_ep_checkpoints_reshard_and_convert(tmp_path, ep_models, tiny_data
             "moe.global_aux_loss_coef=0.01",
             "moe.seq_aux_loss_coef=0.01",
             "train.activation_checkpointing=true",
+            "eval.iters=2",
+            "eval.interval=5",
         ),
         ("moe.freeze=[experts]", "moe.aux_loss_type=per_layer"),
         ("moe.freeze=[router]", "moe.z_loss_coef=0.01"),
@@ -143,6 +145,11 @@ def test_fsdp2_ep_keeps_the_moe_features(tmp_path, ep_models, tiny_dataset, feat
     )
     keys = ["lm_loss", "aux_loss", "z_loss", "grad_norm"]
     keys += [k for k in ("global_aux_loss", "seq_aux_loss") if ref[1][k] is not None]
+    valid = [
+        [r["valid_loss"] for r in metrics(tmp_path / d / "run") if "valid_loss" in r] for d in ("ep1", "ep2")
+    ]
+    assert len(valid[0]) == (2 if "eval.iters=2" in features else 0)  # evaluated at steps 5 and 10
+    assert valid[1] == pytest.approx(valid[0], rel=1e-5)
     for step in ref:
         assert ep[step]["expert_share"] == ref[step]["expert_share"], step  # same routing, same counts
         for key in keys:

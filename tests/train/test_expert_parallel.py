@@ -165,7 +165,9 @@ def test_fsdp2_ep_in_bf16_tracks_ep1(tmp_path, ep_models, tiny_dataset):
         tmp_path / "ep2", ep_models["mixtral"], tiny_dataset, *common, "distributed.expert_parallel_size=2"
     )
     for step in ref:
-        assert ep[step]["lm_loss"] == pytest.approx(ref[step]["lm_loss"], rel=1e-2), step
+        # measured: lm_loss within 2e-5, grad norm within 4e-4 (bf16 GEMMs over other row groupings)
+        assert ep[step]["lm_loss"] == pytest.approx(ref[step]["lm_loss"], rel=2e-4), step
+        assert ep[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=4e-3), step
 
 
 @pytest.fixture

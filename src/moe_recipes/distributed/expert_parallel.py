@@ -151,7 +151,9 @@ def _expert_forward(
     returned = all_to_all(computed.to(hidden_states.dtype), in_splits, out_splits, group)  # (S, H)
     rows = torch.empty_like(returned)
     rows[order] = returned  # back to (token, slot) order
-    weighted = rows.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1).to(rows.dtype)  # (T, k, H)
+    # Weights in their own dtype (fp32 routers promote bf16 rows) and the sum over k before the cast: what
+    # the experts implementations do without EP
+    weighted = rows.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # (T, k, H)
     return weighted.sum(dim=1).to(hidden_states.dtype)
 
 

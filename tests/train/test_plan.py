@@ -31,6 +31,7 @@ ACTIVE_TOLERANCE = 0.03  # published active counts are rounded to 2-3 significan
 RECIPES = {
     "mixtral-8x7b.yaml": ("mixtral-8x7b", Hardware(8, 4, 80)),
     "mixtral-8x7b-instruct.yaml": ("mixtral-8x7b", Hardware(8, 4, 80)),
+    "mixtral-8x7b-ep.yaml": ("mixtral-8x7b", Hardware(8, 4, 80)),
     "qwen2-57b-a14b.yaml": ("qwen2-57b-a14b", Hardware(8, 8, 80)),
     "deepseek-v2-lite.yaml": ("deepseek-v2-lite", Hardware(8, 1, 80)),
 }

@@ -217,6 +217,12 @@ def checkpoint_source(info: CheckpointInfo) -> TensorSource:
     half = [k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32]
     if half and info.zero_stage > 0:
         # A DeepSpeed config that enabled bf16/fp16 keeps the fp32 master weights only in the partitions.
+        ep = info.run_state.get("expert_parallel_size", 1)
+        if ep > 1:  # ... which zero_to_fp32 cannot put together: each EP rank's partitions hold other experts
+            raise ValueError(
+                f"{info.path} holds half-precision weights and was trained with expert_parallel_size={ep}: "
+                "its fp32 master weights cannot be rebuilt from the ZeRO partitions"
+            )
         return TensorSource(str(info.path), _zero_fp32_tensors(info))
     return TensorSource(str(info.path / MODEL_STATES), module)
 

@@ -61,6 +61,10 @@ def _full_tensor(tensor: torch.Tensor, spec: TensorSpec, keep: bool, where: str)
     """
     if isinstance(tensor, DTensor):  # FSDP2 shard: gathered from all ranks
         tensor = tensor.full_tensor()
+    if hasattr(tensor, "ep_group"):  # DeepSpeed expert parallelism: this rank's experts only
+        from moe_recipes.distributed.deepspeed_ep import gather_expert_param
+
+        tensor = gather_expert_param(tensor)  # type: ignore[assignment]
     if hasattr(tensor, "ds_id"):
         import deepspeed
 

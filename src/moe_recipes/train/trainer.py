@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
+from moe_recipes.distributed.deepspeed_ep import check_deepspeed_config, initialize_expert_parallel
 from moe_recipes.distributed.env import DistEnv, barrier, destroy_distributed, device_for, init_distributed
 from moe_recipes.distributed.startup import bounded_extension_builds
 from moe_recipes.faults import fault_point
@@ -115,6 +116,8 @@ def _setup(cfg: Config) -> Run:
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
+    if use_ds and d.expert_parallel_size > 1:  # before the model is loaded
+        check_deepspeed_config(cfg, ds_config)
     if use_ds and cfg.distributed.zero_stage == 3:
         # Lets from_pretrained partition the weights while loading instead of materialising them on every rank.
         from transformers.integrations import HfDeepSpeedConfig
@@ -150,7 +153,9 @@ def _setup(cfg: Config) -> Run:
         aux_loss_type=cfg.moe.aux_loss_type,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
-    if use_ds:
+    if use_ds and d.expert_parallel_size > 1:
+        engine, optimizer = initialize_expert_parallel(objective, cfg, ds_config, info)
+    elif use_ds:
         engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
     else:
         engine, optimizer = initialize_fsdp(objective, cfg, info, grad_accum, device)
@@ -180,6 +185,7 @@ def _setup(cfg: Config) -> Run:
         run.print(
             f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), "
             f"{f'ZeRO-{cfg.distributed.zero_stage}' if use_ds else 'FSDP2'}, "
+            f"{f'expert parallel {d.expert_parallel_size}, ' if d.expert_parallel_size > 1 else ''}"
             f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
             f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
             f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}; "
@@ -378,6 +384,8 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], stop: Sto
 
 
 def _grad_norm(engine: Any) -> torch.Tensor | float:
+    if hasattr(engine, "global_grad_norm"):  # expert parallel: ranks hold different experts' gradients
+        return engine.global_grad_norm()
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else 0.0
 
@@ -453,6 +461,7 @@ def _save(run: Run) -> None:
         "world_size": run.env.world_size,
         "engine": run.cfg.distributed.engine,
         "zero_stage": run.cfg.distributed.zero_stage if run.cfg.distributed.engine == "deepspeed" else None,
+        "expert_parallel_size": run.cfg.distributed.expert_parallel_size,
         "global_batch_size": run.cfg.train.global_batch_size,
         "seq_length": run.cfg.data.seq_length,
         "base_model": os.path.abspath(run.cfg.model.path),

@@ -264,6 +264,13 @@ def initialize_expert_parallel(
     layout = EPLayout(ep, dist.get_rank() % ep, info.num_experts)
     modules = shard_experts(info, layout, group)
     mark_expert_params(modules, ep, group, info.num_experts)
+    if not any(p.requires_grad for m in modules for p in m.parameters(recurse=False)):
+        # DeepSpeed's MoE handling needs an optimizer group of expert parameters
+        raise ValueError(
+            f"distributed.expert_parallel_size={ep} with DeepSpeed needs trainable routed experts, but "
+            "moe.freeze / moe.freeze_patterns froze all of them; use distributed.engine=fsdp2 or "
+            "expert_parallel_size=1"
+        )
     optimizer = build_optimizer(module, cfg.optim)
     with _deepspeed_engine_class(_engine_class(ep, info.num_experts)):
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)

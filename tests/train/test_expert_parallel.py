@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 
 from moe_recipes.convert.hf import convert_checkpoint
-from moe_recipes.distributed.deepspeed_ep import check_deepspeed_config
 from moe_recipes.models.init import init_model
-from moe_recipes.train.engine import deepspeed_config
+from moe_recipes.train import trainer as trainer_mod
+from moe_recipes.train.preflight import check_resume_compatible
 from tests.assets import MIXTRAL_TOKENIZER
 from tests.harness import run_cli_distributed
 
@@ -199,16 +199,44 @@ def test_deepspeed_ep_invalid_combinations_fail_in_the_config(tmp_path, extra, m
         make_config(tmp_path, "unused", "unused", "distributed.expert_parallel_size=2", *extra)
 
 
-def test_deepspeed_ep_stage3_from_a_deepspeed_json_fails_before_the_model_loads(tmp_path):
-    user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [
+        (
+            {"zero_optimization": {"stage": 3}},
+            r"needs ZeRO stage 0, 1 or 2; the DeepSpeed config .* sets stage 3",
+        ),
+        ({"bf16": {"enabled": True}}, r"needs DeepSpeed's fp32 parameters .* enables bf16"),
+    ],
+)
+def test_deepspeed_ep_refuses_a_deepspeed_json_it_was_not_verified_with(
+    tmp_path, tiny_mixtral, tiny_dataset, monkeypatch, user, message
+):
+    """Found by the preflight checks, before the rendezvous and the model load."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("reached an expensive step before the cheap checks failed")
+
+    monkeypatch.setattr(trainer_mod, "init_distributed", forbidden)
+    monkeypatch.setattr(trainer_mod, "load_model", forbidden)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
     cfg = make_config(
         tmp_path,
-        "unused",
-        "unused",
+        tiny_mixtral,
+        tiny_dataset,
         "distributed.zero_stage=2",
         "distributed.expert_parallel_size=2",
-        f"distributed.deepspeed_config={user}",
+        f"distributed.deepspeed_config={path}",
     )
-    with pytest.raises(ValueError, match=r"expert_parallel_size=2 needs ZeRO stage 0, 1 or 2.*sets stage 3"):
-        check_deepspeed_config(cfg, deepspeed_config(cfg, 2))
+    with pytest.raises(ValueError, match=message):
+        trainer_mod.train(cfg)
+
+
+def test_deepspeed_ep_checkpoint_resumes_only_with_its_expert_parallel_size(tmp_path, tiny_mixtral):
+    ckpt = tmp_path / "iter_0000002"
+    ckpt.mkdir()
+    (ckpt / "run_state.json").write_text(json.dumps({"engine": "deepspeed", "expert_parallel_size": 2}))
+    cfg = make_config(tmp_path, tiny_mixtral, "unused", "distributed.zero_stage=2")
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2, the config says 1"):
+        check_resume_compatible(cfg, ckpt)

@@ -116,12 +116,13 @@ def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     experts = torch.zeros((), dtype=torch.float64)
     group = None
     for p in params:
+        if is_expert_param(p):
+            group = getattr(p, EP_GROUP)  # every rank of the group joins the sum, with gradients or not
         if p.grad is None:
             continue
         square = p.grad.detach().double().pow(2).sum()
         if is_expert_param(p):
             experts = experts.to(square.device) + square
-            group = getattr(p, EP_GROUP)
         else:
             dense = dense.to(square.device) + square
     if group is not None:
@@ -226,9 +227,15 @@ def _deepspeed_engine_class(cls: type) -> Iterator[None]:
         deepspeed.DeepSpeedEngine = original
 
 
-def check_deepspeed_config(cfg: Config, ds_config: dict[str, Any]) -> None:
-    """The DeepSpeed JSON (ours with `distributed.deepspeed_config` on top) keeps ZeRO at stage 0-2 and
-    the reduce-scatter DeepSpeed's MoE gradient path needs; ValueError naming the values otherwise."""
+def check_deepspeed_config(cfg: Config, ds_config: dict[str, Any] | None = None) -> None:
+    """The DeepSpeed JSON (ours with `distributed.deepspeed_config` on top) keeps what expert parallelism
+    was verified with: ZeRO stage 0-2 with reduce-scatter (DeepSpeed's MoE gradient path), no optimizer
+    offload, fp32 parameters. ValueError naming the values otherwise. Without `ds_config` it is built for
+    one rank (preflight, before the rendezvous): the keys read here do not depend on the number of ranks."""
+    if ds_config is None:
+        from moe_recipes.train.engine import deepspeed_config
+
+        ds_config = deepspeed_config(cfg, 1)
     ep = cfg.distributed.expert_parallel_size
     zero = ds_config.get("zero_optimization", {})
     where = f"the DeepSpeed config (distributed.deepspeed_config={cfg.distributed.deepspeed_config})"
@@ -245,6 +252,12 @@ def check_deepspeed_config(cfg: Config, ds_config: dict[str, Any]) -> None:
         raise ValueError(
             f"distributed.expert_parallel_size={ep} cannot be combined with optimizer offload ({where})"
         )
+    for key in ("bf16", "fp16"):
+        if ds_config.get(key, {}).get("enabled"):
+            raise ValueError(
+                f"distributed.expert_parallel_size={ep} needs DeepSpeed's fp32 parameters (train.precision does "
+                f"the mixed precision); {where} enables {key}"
+            )
 
 
 def initialize_expert_parallel(

@@ -195,13 +195,6 @@ def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
             f"{ckpt} was written by {run_state.get('world_size')} processes with ZeRO stage "
             f"{run_state.get('zero_stage')}; resuming it needs the same number of processes (got {world})"
         )
-    # DeepSpeed's expert-parallel partitions and optimizer files are cut for one expert_parallel_size.
-    written_ep, ep = run_state.get("expert_parallel_size", 1), getattr(engine, "expert_parallel_size", 1)
-    if written_by == "deepspeed" and written_ep != ep:
-        raise ValueError(
-            f"{ckpt} was written with distributed.expert_parallel_size={written_ep}; resuming it with "
-            f"DeepSpeed needs the same (got {ep}); convert it to a Hugging Face folder to change it"
-        )
     load_path, _ = engine.load_checkpoint(
         str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
-from moe_recipes.distributed.deepspeed_ep import check_deepspeed_config, initialize_expert_parallel
+from moe_recipes.distributed.deepspeed_ep import initialize_expert_parallel
 from moe_recipes.distributed.env import DistEnv, barrier, destroy_distributed, device_for, init_distributed
 from moe_recipes.distributed.startup import bounded_extension_builds
 from moe_recipes.faults import fault_point
@@ -116,8 +116,6 @@ def _setup(cfg: Config) -> Run:
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
-    if use_ds and d.expert_parallel_size > 1:  # before the model is loaded
-        check_deepspeed_config(cfg, ds_config)
     if use_ds and cfg.distributed.zero_stage == 3:
         # Lets from_pretrained partition the weights while loading instead of materialising them on every rank.
         from transformers.integrations import HfDeepSpeedConfig

@@ -157,10 +157,9 @@ def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
             f"{cfg.distributed.engine}: an engine's checkpoint cannot be resumed by the other "
             "(convert it to a Hugging Face folder and start from that)"
         )
+    # DeepSpeed's ZeRO partitions and optimizer files of an expert-parallel run are cut for its EP size
     written_ep, ep = state.get("expert_parallel_size", 1), cfg.distributed.expert_parallel_size
-    if (
-        written_by == "deepspeed" and written_ep != ep
-    ):  # its partitions and optimizer files are cut for one EP
+    if written_by == "deepspeed" and written_ep != ep:
         raise ValueError(
             f"{ckpt} was written with distributed.expert_parallel_size={written_ep}, the config says {ep}: "
             "a DeepSpeed checkpoint resumes with the same (convert it to a Hugging Face folder to change it)"

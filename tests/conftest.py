@@ -64,3 +64,31 @@ def tiny_mixtral(tmp_path_factory) -> str:
         max_position_embeddings=512,
         seed=0,
     )
+
+
+EP_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+
+
+@pytest.fixture(scope="session")
+def ep_models(tmp_path_factory) -> dict[str, str]:
+    """One tiny model per family, 4 routed experts top-2 (DeepSeek-V3 with its group-limited routing)."""
+    from moe_recipes.models.init import init_model
+
+    root = tmp_path_factory.mktemp("ep_models")
+    return {
+        arch: init_model(
+            arch=arch,
+            tokenizer_dir=str(MIXTRAL_TOKENIZER),
+            output_dir=str(root / arch),
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            num_experts=4,
+            top_k=2,
+            expert_intermediate_size=32,
+            max_position_embeddings=512,
+            seed=0,
+        )
+        for arch in EP_FAMILIES
+    }

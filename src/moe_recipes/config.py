@@ -312,9 +312,18 @@ class DistributedConfig:
         if ep == 1:
             return
         if self.engine == "deepspeed":
-            raise ValueError(
-                f"distributed.expert_parallel_size={ep} needs distributed.engine=fsdp2 (not yet with DeepSpeed)"
-            )
+            if self.zero_stage == 3:
+                raise ValueError(
+                    f"distributed.expert_parallel_size={ep} cannot be combined with distributed.zero_stage=3 "
+                    "(ZeRO-3 would partition the experts again across the ranks that hold different ones); "
+                    "use distributed.zero_stage 0, 1 or 2, or distributed.engine=fsdp2"
+                )
+            if self.offload_optimizer:
+                raise ValueError(
+                    f"distributed.expert_parallel_size={ep} cannot be combined with "
+                    "distributed.offload_optimizer=true (not verified with expert parallelism)"
+                )
+            return
         if self.fsdp_shard_size is not None:
             raise ValueError(
                 f"distributed.expert_parallel_size={ep} cannot be combined with distributed.fsdp_shard_size="

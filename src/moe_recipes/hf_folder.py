@@ -125,7 +125,7 @@ def layout_of(model: Any, dtype: torch.dtype) -> ModelLayout:
     (`_keep_in_fp32_modules_strict`, e.g. DeepSeek-V3's router weight and correction bias); integer buffers
     keep their dtype. A name whose tensor is the same object as an earlier one (tied embeddings) is recorded
     in `tied` and not saved: transformers re-ties it. ZeRO-3 partitioned parameters report their full
-    shape (`ds_shape`).
+    shape (`ds_shape`), DeepSpeed expert-parallel slices theirs (`ep_global_shape`).
     """
     keep_fp32: set[str] = set()
     if dtype in (torch.float16, torch.bfloat16):
@@ -141,7 +141,9 @@ def layout_of(model: Any, dtype: torch.dtype) -> ModelLayout:
         out = tensor.dtype
         if tensor.is_floating_point():
             out = torch.float32 if _keeps_fp32(name, keep_fp32) else dtype
-        specs.append(TensorSpec(name, tuple(getattr(tensor, "ds_shape", tensor.shape)), out))
+        # ZeRO-3 partitions and DeepSpeed expert-parallel slices know the whole tensor's shape
+        shape = getattr(tensor, "ds_shape", getattr(tensor, "ep_global_shape", tensor.shape))
+        specs.append(TensorSpec(name, tuple(shape), out))
     return ModelLayout(model.config, type(model).__name__, specs, tied)
 
 

@@ -1,4 +1,5 @@
-"""Expert parallelism in training: a 2-process EP=2 run gives the EP=1 run's losses and gradient norms."""
+"""Expert parallelism with FSDP2: a 2-process EP=2 run gives the EP=1 run's losses and gradient norms; EP
+checkpoints reshard and convert; misfits stop before anything loads. DeepSpeed: test_expert_parallel_deepspeed."""
 
 from __future__ import annotations
 
@@ -13,41 +14,24 @@ from moe_recipes.convert.hf import convert_checkpoint
 from moe_recipes.models.init import init_model
 from moe_recipes.train import trainer
 from tests.assets import MIXTRAL_TOKENIZER
+from tests.conftest import EP_FAMILIES
 from tests.harness import run_cli_distributed
 
 from ..convert.utils import logits_of, probe_ids
 from .utils import make_config, metrics, step_records, write_config
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+FAMILIES = EP_FAMILIES
 
 
-@pytest.fixture(scope="module")
-def ep_models(tmp_path_factory) -> dict[str, str]:
-    """One tiny model per family, 4 routed experts top-2 (DeepSeek-V3 with its group-limited routing)."""
-    root = tmp_path_factory.mktemp("ep_models")
-    return {
-        arch: init_model(
-            arch=arch,
-            tokenizer_dir=str(MIXTRAL_TOKENIZER),
-            output_dir=str(root / arch),
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            num_experts=4,
-            top_k=2,
-            expert_intermediate_size=32,
-            max_position_embeddings=512,
-            seed=0,
-        )
-        for arch in FAMILIES
-    }
+def _launch(workdir: Path, model: str, data: str, *extra: str) -> str:
+    """Train on 2 processes (torchrun) in `workdir`; returns the output."""
+    workdir.mkdir(parents=True)
+    config = write_config(workdir, model, data, *extra)
+    return run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600).stdout
 
 
 def _train(workdir: Path, model: str, data: str, *extra: str) -> dict[int, dict]:
-    workdir.mkdir(parents=True)
-    config = write_config(workdir, model, data, *extra)
-    run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
+    _launch(workdir, model, data, *extra)
     return step_records(workdir / "run")
 
 

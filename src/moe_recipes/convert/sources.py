@@ -4,7 +4,8 @@ A checkpoint (see `train/checkpoint.py`) holds DeepSpeed's engine files, whose k
 module names (`model.<HF key>`, since the engine wraps `CausalLMObjective`). Where the full weights are:
 
 * ZeRO 0-2: `mp_rank_00_model_states.pt` holds the complete module state; the engine keeps fp32
-  parameters, so these are the exact master weights. It is memory-mapped, not read into memory.
+  parameters, so these are the exact master weights. It is memory-mapped, not read into memory. With
+  expert parallelism too: the engine writes the whole expert tensors there (`distributed.deepspeed_ep`).
 * ZeRO-3: every rank's file holds only its slice of the fp32 master weights. DeepSpeed's
   `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)` memory-maps the per-rank
   partitions and returns one lazy tensor per parameter, gathered only when asked for
@@ -217,6 +218,12 @@ def checkpoint_source(info: CheckpointInfo) -> TensorSource:
     half = [k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32]
     if half and info.zero_stage > 0:
         # A DeepSpeed config that enabled bf16/fp16 keeps the fp32 master weights only in the partitions.
+        ep = info.run_state.get("expert_parallel_size", 1)
+        if ep > 1:  # ... which zero_to_fp32 cannot put together: each EP rank's partitions hold other experts
+            raise ValueError(
+                f"{info.path} holds half-precision weights and was trained with expert_parallel_size={ep}: "
+                "its fp32 master weights cannot be rebuilt from the ZeRO partitions"
+            )
         return TensorSource(str(info.path), _zero_fp32_tensors(info))
     return TensorSource(str(info.path / MODEL_STATES), module)
 

@@ -26,7 +26,7 @@ The all-to-alls are autograd functions whose backward is the reverse all-to-all,
 expert on rank r sums the contributions of every token in its EP group. Data-parallel averaging then has
 to divide expert gradients by the world size W (not by the W / E replicas that reduce them), so that
 expert and dense parameters get the same averaging: the engines do that (FSDP2:
-``set_gradient_divide_factor``).
+``set_gradient_divide_factor``; DeepSpeed: its MoE parameter groups, see ``deepspeed_ep``).
 """
 
 from __future__ import annotations

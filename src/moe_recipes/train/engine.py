@@ -34,15 +34,27 @@ class SkippableAdamW(torch.optim.AdamW):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (incl. the fused 3D expert weights), none on biases and norm scales."""
+    """Weight decay on matrices (incl. the fused 3D expert weights), none on biases and norm scales.
+
+    Expert-parallel parameters of the DeepSpeed engine (DeepSpeed's MoE convention: `allreduce = False`
+    and a `group_name`) go into groups of their own marked `moe`, which ZeRO reduces and partitions over
+    their expert-data-parallel group; decay follows the same rule as for the other parameters."""
     decay, no_decay = [], []
+    experts: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if getattr(p, "allreduce", True) is False:
+            experts.setdefault((p.group_name, p.ndim >= 2), []).append(p)  # type: ignore[attr-defined]
+            continue
         (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    for (name, decayed), params in experts.items():
+        groups.append(
+            {"params": params, "weight_decay": weight_decay if decayed else 0.0, "moe": True, "name": name}
+        )
     return groups
 
 

@@ -2,9 +2,10 @@
 
 `export_hf` is collective: every rank calls it. Tensors are taken one at a time in the HF model's own
 order; under ZeRO-3 each parameter is all-gathered (`deepspeed.zero.GatheredParameters`), under ZeRO 0-2
-every rank already holds it. Rank 0 copies each tensor to the CPU in the output dtype and writes a shard as
-soon as it is full, so memory stays near one shard; the folder is written like `convert` writes it (see
-`hf_folder.py`) into a temporary sibling of `out_dir` and renamed into place.
+every rank already holds it (expert-parallel experts are gathered from their EP group). Rank 0 copies each
+tensor to the CPU in the output dtype and writes a shard as soon as it is full, so memory stays near one
+shard; the folder is written like `convert` writes it (see `hf_folder.py`) into a temporary sibling of
+`out_dir` and renamed into place.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from moe_recipes.distributed.deepspeed_ep import gather_expert_param, is_expert_param
 from moe_recipes.hf_folder import (
     TensorSpec,
     layout_of,
@@ -61,6 +63,8 @@ def _full_tensor(tensor: torch.Tensor, spec: TensorSpec, keep: bool, where: str)
     """
     if isinstance(tensor, DTensor):  # FSDP2 shard: gathered from all ranks
         tensor = tensor.full_tensor()
+    if is_expert_param(tensor):  # DeepSpeed expert parallelism: this rank's experts, gathered from its group
+        tensor = gather_expert_param(tensor)  # type: ignore[assignment]
     if hasattr(tensor, "ds_id"):
         import deepspeed
 

@@ -39,6 +39,10 @@ class Preflight:
 def preflight(cfg: Config) -> Preflight:
     """Run every cheap check; raise ValueError/FileNotFoundError/ImportError naming what is wrong."""
     _check_engine_installed(cfg)
+    if cfg.distributed.engine == "deepspeed" and cfg.distributed.expert_parallel_size > 1:
+        from moe_recipes.distributed.deepspeed_ep import check_deepspeed_config
+
+        check_deepspeed_config(cfg)
     vocab = model_vocab_size(cfg.model.path)
     if cfg.data.format == "chat":
         _check_chat_files(cfg)
@@ -169,6 +173,13 @@ def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
             f"{ckpt} was written by distributed.engine={written_by}, the config says "
             f"{cfg.distributed.engine}: an engine's checkpoint cannot be resumed by the other "
             "(convert it to a Hugging Face folder and start from that)"
+        )
+    # DeepSpeed's ZeRO partitions and optimizer files of an expert-parallel run are cut for its EP size
+    written_ep, ep = state.get("expert_parallel_size", 1), cfg.distributed.expert_parallel_size
+    if written_by == "deepspeed" and written_ep != ep:
+        raise ValueError(
+            f"{ckpt} was written with distributed.expert_parallel_size={written_ep}, the config says {ep}: "
+            "a DeepSpeed checkpoint resumes with the same (convert it to a Hugging Face folder to change it)"
         )
     allowed = set(cfg.checkpoint.allow_changes)
     now = {

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
+from moe_recipes.distributed.deepspeed_ep import initialize_expert_parallel
 from moe_recipes.distributed.env import DistEnv, barrier, destroy_distributed, device_for, init_distributed
 from moe_recipes.distributed.startup import bounded_extension_builds
 from moe_recipes.faults import fault_point
@@ -150,7 +151,9 @@ def _setup(cfg: Config) -> Run:
         aux_loss_type=cfg.moe.aux_loss_type,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
-    if use_ds:
+    if use_ds and d.expert_parallel_size > 1:
+        engine, optimizer = initialize_expert_parallel(objective, cfg, ds_config, info)
+    elif use_ds:
         engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
     else:
         engine, optimizer = initialize_fsdp(objective, cfg, info, grad_accum, device)
@@ -180,6 +183,7 @@ def _setup(cfg: Config) -> Run:
         run.print(
             f"[moe-recipes] {env.world_size} process(es) ({env.launcher}), "
             f"{f'ZeRO-{cfg.distributed.zero_stage}' if use_ds else 'FSDP2'}, "
+            f"{f'expert parallel {d.expert_parallel_size}, ' if d.expert_parallel_size > 1 else ''}"
             f"micro batch {cfg.train.micro_batch_size} x accumulation {grad_accum} x {env.world_size} ranks "
             f"= global batch {cfg.train.global_batch_size}; {info.num_experts} experts top-{info.top_k}, "
             f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}; "
@@ -380,6 +384,8 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], stop: Sto
 def _grad_norm(engine: Any) -> torch.Tensor | float:
     """ZeRO-0's global gradient norm (every rank holds the full, reduced gradients), summed in fp64 like
     FSDP2's (fsdp_engine.clip_sharded_grads): an fp32 norm was 1e-4 off on a 4M-parameter model."""
+    if hasattr(engine, "global_grad_norm"):  # expert parallel: ranks hold different experts' gradients
+        return engine.global_grad_norm()
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return 0.0
@@ -457,6 +463,7 @@ def _save(run: Run) -> None:
         "world_size": run.env.world_size,
         "engine": run.cfg.distributed.engine,
         "zero_stage": run.cfg.distributed.zero_stage if run.cfg.distributed.engine == "deepspeed" else None,
+        "expert_parallel_size": run.cfg.distributed.expert_parallel_size,
         "global_batch_size": run.cfg.train.global_batch_size,
         "seq_length": run.cfg.data.seq_length,
         "base_model": os.path.abspath(run.cfg.model.path),

@@ -117,3 +117,20 @@ def test_expert_parallel_gathers_a_share_of_the_experts():
         assert ep.device[key] == plain.device[key]
     gathered = next(k for k in ep.device if k.startswith("gathered layers"))
     assert plain.device[gathered] - ep.device[gathered] == 2 * 2 * experts * 7 // 8  # bf16, 2 layers
+
+
+def test_deepspeed_expert_parallel_replicates_a_share_of_the_experts():
+    """ZeRO-2 + EP=8 on 8 GPUs: each rank replicates the dense parameters and 1/8 of the experts; the
+    ZeRO shards of master weights, gradients and moments stay 1/W of the model."""
+    overrides = [f"model.path={CONFIGS / 'mixtral-8x7b'}", "distributed.zero_stage=2"]
+    cfg = load_config(REPO / "configs" / "mixtral-8x7b.yaml", overrides)
+    plain = plan(cfg, cfg.model.path, Hardware(8, 1, 80))
+    cfg.distributed.expert_parallel_size = 8
+    ep = plan(cfg, cfg.model.path, Hardware(8, 1, 80))
+    assert "ZeRO-2 + expert parallel 8" in ep.engine
+    routed = ep.model.routed_expert_params
+    assert routed == 32 * 8 * 3 * 4096 * 14336
+    key = "parameters (fp32, replicated)"
+    assert plain.device[key] - ep.device[key] == 4 * (routed * 7 // 8)
+    for key in ("fp32 master copy (shard)", "gradients (fp32 shard)", "AdamW moments (fp32 shard)"):
+        assert ep.device[key] == plain.device[key], key

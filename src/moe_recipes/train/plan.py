@@ -91,6 +91,7 @@ class ModelShape:
     num_experts: int
     top_k: int
     largest_layer_expert_params: int = 0  # the routed experts (fused 3-D weights) of the largest layer
+    routed_expert_params: int = 0  # the routed experts of all layers
 
 
 @dataclass
@@ -202,6 +203,7 @@ def model_shape(model: nn.Module, cfg: Config) -> ModelShape:
         num_experts=info.num_experts,
         top_k=info.top_k,
         largest_layer_expert_params=expert_sizes[layer_sizes.index(max(layer_sizes))] if layers else 0,
+        routed_expert_params=counts["routed_experts"],
     )
 
 
@@ -242,7 +244,8 @@ def _engine_name(cfg: Config, shard: int, world: int) -> str:
     d = cfg.distributed
     if d.engine == "deepspeed":
         offload = [k for k in ("offload_optimizer", "offload_params") if getattr(d, k)]
-        return f"DeepSpeed ZeRO-{d.zero_stage}" + (f" ({', '.join(offload)})" if offload else "")
+        ep = f" + expert parallel {d.expert_parallel_size}" if d.expert_parallel_size > 1 else ""
+        return f"DeepSpeed ZeRO-{d.zero_stage}{ep}" + (f" ({', '.join(offload)})" if offload else "")
     name = "FSDP2" if shard == world else f"FSDP2 hybrid (shard {shard}, replicate {world // shard})"
     if d.expert_parallel_size > 1:
         name += f" + expert parallel {d.expert_parallel_size}"
@@ -270,12 +273,21 @@ def _deepspeed_states(out: MemoryPlan, cfg: Config) -> None:
         dev["gathered layers (fp32, 2 layers)"] = 2 * 4 * s.largest_layer_params
         dev["gradients of one layer (fp32)"] = 4 * s.largest_layer_params
     else:
+        # with expert parallelism a rank holds 1/EP of the routed experts (their ZeRO partitions over the
+        # W/EP ranks holding the same experts are again 1/W of them: the shards below do not change)
+        not_held = (
+            s.routed_expert_params
+            * (cfg.distributed.expert_parallel_size - 1)
+            // cfg.distributed.expert_parallel_size
+        )
+        p, t = p - not_held, t - min(not_held, t)
         dev["parameters (fp32, replicated)"] = 4 * p
     if stage >= 1:
-        optim_home["fp32 master copy (shard)"] = 4 * t // n
-    grad_shard = 4 * t // n if stage >= 2 else 4 * t
+        optim_home["fp32 master copy (shard)"] = 4 * s.trainable_params // n
+    grad_shard = 4 * s.trainable_params // n if stage >= 2 else 4 * t
     (optim_home if stage >= 2 else dev)["gradients (fp32" + (" shard)" if stage >= 2 else ")")] = grad_shard
-    optim_home["AdamW moments (fp32" + (" shard)" if stage >= 1 else ")")] = 8 * t // (n if stage >= 1 else 1)
+    moments = 8 * s.trainable_params // n if stage >= 1 else 8 * t
+    optim_home["AdamW moments (fp32" + (" shard)" if stage >= 1 else ")")] = moments
     if stage >= 1:
         dev["gradient reduce bucket"] = 4 * min(_reduce_bucket(cfg), t)
     if _bf16(cfg):

@@ -269,6 +269,9 @@ def _ours(scheme: str, model_dir: str, micro: int):
         fused_head=False,
     )
     if scheme == "zero3":
+        from moe_recipes.distributed.env import _skip_deepspeed_shm_op
+
+        _skip_deepspeed_shm_op()  # as the trainer does: no JIT build of an op that training never uses
         engine, _ = initialize(objective, cfg, deepspeed_config(cfg, world), info.moe_block_classes)
     else:
         engine, _ = initialize_fsdp(objective, cfg, info, 1, torch.device("cpu"))

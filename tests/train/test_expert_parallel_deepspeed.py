@@ -183,3 +183,32 @@ def test_deepspeed_ep_checkpoint_resumes_only_with_its_expert_parallel_size(tmp_
     cfg = make_config(tmp_path, tiny_mixtral, "unused", "distributed.zero_stage=2")
     with pytest.raises(ValueError, match=r"expert_parallel_size=2, the config says 1"):
         check_resume_compatible(cfg, ckpt)
+
+
+@pytest.mark.parametrize(
+    ("user", "message"),
+    [
+        ({"zero_optimization": {"reduce_scatter": False}}, r"needs zero_optimization.reduce_scatter"),
+        (
+            {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+            r"cannot be combined with optimizer offload",
+        ),
+        ({"fp16": {"enabled": True}}, r"enables fp16"),
+    ],
+)
+def test_deepspeed_ep_json_checks_name_the_setting(tmp_path, user, message):
+    from moe_recipes.distributed.deepspeed_ep import check_deepspeed_config
+    from moe_recipes.train.engine import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    cfg = make_config(
+        tmp_path,
+        "unused",
+        "unused",
+        "distributed.expert_parallel_size=2",
+        f"distributed.deepspeed_config={path}",
+    )
+    check_deepspeed_config(make_config(tmp_path, "unused", "unused", "distributed.expert_parallel_size=2"))
+    with pytest.raises(ValueError, match=message):
+        check_deepspeed_config(cfg, deepspeed_config(cfg, 2))

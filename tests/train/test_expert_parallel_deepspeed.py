@@ -206,6 +206,7 @@ def test_deepspeed_ep_json_checks_name_the_setting(tmp_path, user, message):
         tmp_path,
         "unused",
         "unused",
+        "distributed.zero_stage=2",
         "distributed.expert_parallel_size=2",
         f"distributed.deepspeed_config={path}",
     )

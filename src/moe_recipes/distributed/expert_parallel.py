@@ -140,7 +140,7 @@ def _expert_forward(
     in_splits, out_splits = sizes.tolist()
     received = all_to_all(hidden_states[order // top_k], out_splits, in_splits, group)  # (N, H)
     local_ids = torch.arange(local, device=flat.device).repeat(layout.size)  # expert of each received chunk
-    local_ids = local_ids.repeat_interleave(recv_counts)  # (N,)
+    local_ids = local_ids.repeat_interleave(recv_counts, output_size=received.shape[0])  # (N,), no sync
     view = _LocalView(module, local)
     if received.shape[0]:
         ones = torch.ones(received.shape[0], 1, dtype=top_k_weights.dtype, device=received.device)

@@ -126,3 +126,25 @@ def test_expert_modules_are_the_fused_experts():
         model = AutoModelForCausalLM.from_config(config)
     names = [name for name, _ in expert_modules(inspect_model(model))]
     assert names == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]  # not the shared expert
+
+
+def test_experts_outside_the_interface_are_refused():
+    """A block whose experts are not transformers' fused experts cannot be cut silently."""
+    from torch import nn
+
+    from moe_recipes.distributed.expert_parallel import shard_experts
+    from moe_recipes.models.inspect import MoEInfo
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4, 2, 2))
+
+    block = nn.Module()
+    block.experts = Experts()
+    info = MoEInfo(set(), {type(block)}, None, [], 4, 2, 0, moe_blocks=[("layer.mlp", block)])
+    with pytest.raises(ValueError, match=r"layer.mlp.experts \(Experts\) does not use transformers' experts"):
+        shard_experts(info, EPLayout(2, 0, 4), None)
+    block.experts = nn.ModuleList([nn.Linear(2, 2) for _ in range(4)])  # per-expert modules, no 3-D weights
+    with pytest.raises(ValueError, match="needs fused experts"):
+        shard_experts(info, EPLayout(2, 0, 4), None)

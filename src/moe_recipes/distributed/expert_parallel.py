@@ -157,6 +157,15 @@ def _expert_forward(
     return weighted.sum(dim=1).to(hidden_states.dtype)
 
 
+def _ep_forward(implementation: Callable[..., Tensor], layout: EPLayout, group: Any) -> Callable[..., Tensor]:
+    """The experts module's forward under EP, with the argument names of transformers' experts."""
+
+    def forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        return _expert_forward(self, implementation, layout, group, hidden_states, top_k_index, top_k_weights)
+
+    return forward
+
+
 def expert_modules(info: MoEInfo) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every routed-experts module: the modules of the MoE blocks that own the
     fused 3-D expert parameters."""
@@ -181,7 +190,21 @@ def shard_experts(
     """
     modules = []
     lo, hi = layout.first_expert, layout.first_expert + layout.local_experts
-    for name, module in expert_modules(info):
+    found = expert_modules(info)
+    if not found:
+        raise ValueError(
+            "distributed.expert_parallel_size > 1 needs fused experts (3-D gate_up_proj/down_proj weights, as "
+            f"transformers 5 builds them); the MoE blocks of this model ({sorted(c.__name__ for c in info.moe_block_classes)}) "
+            "have none"
+        )
+    for name, module in found:
+        # transformers' experts interface: forward(hidden_states, top_k_index, top_k_weights), set up by
+        # its `use_experts_implementation` decorator, which also gives the class `_apply_gate`
+        if not hasattr(type(module), "_apply_gate"):
+            raise ValueError(
+                f"distributed.expert_parallel_size > 1: {name} ({type(module).__name__}) does not use "
+                "transformers' experts interface (forward(hidden_states, top_k_index, top_k_weights))"
+            )
         for pname, param in list(module.named_parameters(recurse=False)):
             if param.shape[0] != layout.num_experts:
                 raise ValueError(
@@ -193,12 +216,7 @@ def shard_experts(
             new.requires_grad_(param.requires_grad)
             setattr(module, pname, new)
         implementation = type(module).forward
-        module.forward = types.MethodType(
-            lambda self, h, idx, w, _impl=implementation: _expert_forward(
-                self, _impl, layout, group, h, idx, w
-            ),
-            module,
-        )
+        module.forward = types.MethodType(_ep_forward(implementation, layout, group), module)
         module.expert_parallel = layout
         modules.append(module)
     return modules

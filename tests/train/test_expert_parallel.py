@@ -243,3 +243,19 @@ def test_four_processes_ep2_and_ep4_match_ep1(tmp_path, ep_models, tiny_dataset)
         for step in runs[1]:
             for key in ("lm_loss", "aux_loss", "grad_norm"):
                 assert runs[ep][step][key] == pytest.approx(runs[1][step][key], rel=1e-5), (ep, step, key)
+
+
+@pytest.mark.distributed
+def test_fsdp2_ep_instruction_tuning_matches_ep1(tmp_path, ep_models):
+    """Packed chat batches (padded tails, assistant-only labels) train the same with EP=2 as with EP=1."""
+    from .test_chat_training import CHAT, _chat_files
+
+    data = _chat_files(tmp_path)
+    common = (*CHAT, "train.global_batch_size=8", "eval.iters=0", "distributed.engine=fsdp2")
+    ref = _train(tmp_path / "ep1", ep_models["qwen3_moe"], data, *common)
+    ep = _train(tmp_path / "ep2", ep_models["qwen3_moe"], data, *common, "distributed.expert_parallel_size=2")
+    assert len(ref) >= 2 and sorted(ep) == sorted(ref)
+    for step in ref:
+        assert ep[step]["expert_share"] == ref[step]["expert_share"], step
+        for key in ("lm_loss", "aux_loss", "grad_norm"):
+            assert ep[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)

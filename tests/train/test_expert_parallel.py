@@ -154,17 +154,6 @@ def test_fsdp2_ep_in_bf16_tracks_ep1(tmp_path, ep_models, tiny_dataset):
         assert ep[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=4e-3), step
 
 
-@pytest.fixture
-def nothing_expensive(monkeypatch):
-    """The rendezvous and the model load fail loudly: an EP misfit must be found before them."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("reached an expensive step before the expert-parallel check failed")
-
-    monkeypatch.setattr(trainer, "init_distributed", forbidden)
-    monkeypatch.setattr(trainer, "load_model", forbidden)
-
-
 @pytest.fixture(scope="module")
 def dense_model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("dense") / "qwen2"

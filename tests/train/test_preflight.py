@@ -13,22 +13,10 @@ import pytest
 from moe_recipes.cli import main
 from moe_recipes.config import load_config
 from moe_recipes.data.indexed import write_index
-from moe_recipes.train import trainer as trainer_mod
 from moe_recipes.train.preflight import ineffective_settings, preflight
 from moe_recipes.train.trainer import train
 
 from .utils import make_config, overrides, write_config
-
-
-@pytest.fixture
-def nothing_expensive(monkeypatch):
-    """Make the rendezvous and the model load fail loudly: a preflight error must come before them."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("reached an expensive step before the cheap checks failed")
-
-    monkeypatch.setattr(trainer_mod, "init_distributed", forbidden)
-    monkeypatch.setattr(trainer_mod, "load_model", forbidden)
 
 
 def _dataset(prefix: Path, tokens: np.ndarray) -> str:

@@ -44,6 +44,7 @@ from torch import nn
 from moe_recipes.config import Config
 from moe_recipes.distributed.expert_parallel import EPLayout, check_expert_parallel, shard_experts
 from moe_recipes.models.inspect import MoEInfo
+from moe_recipes.train.grad_norm import clip_to, squared_sum
 
 # Attributes set on every expert-parallel parameter (besides DeepSpeed's `allreduce` and `group_name`)
 EP_GROUP = "ep_group"  # the EP process group its slices are spread over
@@ -111,23 +112,14 @@ def gather_expert_param(p: torch.Tensor, dst: int | None = None) -> torch.Tensor
 def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The gradient norm of the whole model after the data-parallel reduction: dense gradients are the
     same on every rank, an expert's is the same on the ranks that hold it, so the squares of the expert
-    gradients are summed over the EP group once (fp64)."""
-    dense = torch.zeros((), dtype=torch.float64)
-    experts = torch.zeros((), dtype=torch.float64)
-    group = None
-    for p in params:
-        if is_expert_param(p):
-            group = getattr(p, EP_GROUP)  # every rank of the group joins the sum, with gradients or not
-        if p.grad is None:
-            continue
-        square = p.grad.detach().double().pow(2).sum()
-        if is_expert_param(p):
-            experts = experts.to(square.device) + square
-        else:
-            dense = dense.to(square.device) + square
-    if group is not None:
-        dist.all_reduce(experts, group=group)
-    return (dense.to(experts.device) + experts).sqrt().float()
+    gradients are summed over the EP group once (fp64, `train.grad_norm`)."""
+    experts = [p for p in params if is_expert_param(p)]
+    dense = [p.grad for p in params if p.grad is not None and not is_expert_param(p)]
+    device = params[0].device if params else "cpu"
+    expert_squares = squared_sum((p.grad for p in experts if p.grad is not None), device)
+    if experts:  # every rank of the group joins the sum, with gradients or not
+        dist.all_reduce(expert_squares, group=getattr(experts[0], EP_GROUP))
+    return (squared_sum(dense, device) + expert_squares).sqrt().float()
 
 
 def _engine_class(ep: int, num_experts: int) -> type:
@@ -167,10 +159,7 @@ def _engine_class(ep: int, num_experts: int) -> type:
             params = [p for p in self.module.parameters() if p.grad is not None]
             if not params:
                 return
-            norm = global_grad_norm(params)
-            coef = (self.gradient_clipping() / (norm + 1e-6)).clamp(max=1.0)
-            for p in params:
-                p.grad.mul_(coef.to(device=p.grad.device, dtype=p.grad.dtype))
+            clip_to([p.grad for p in params], global_grad_norm(params), self.gradient_clipping())
 
         def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):  # type: ignore[override]
             # Rank 0 writes the model states: it gets the whole expert tensors from its EP group first.

@@ -44,6 +44,7 @@ from moe_recipes.config import Config
 from moe_recipes.distributed.expert_parallel import EPLayout, check_expert_parallel, shard_experts
 from moe_recipes.models.inspect import MoEInfo
 from moe_recipes.train.engine import SkippableAdamW, build_optimizer
+from moe_recipes.train.grad_norm import clip_to, squared_sum
 
 ENGINE_NAME = "fsdp2"
 
@@ -135,19 +136,16 @@ def clip_sharded_grads(params: list[torch.Tensor], max_norm: float, replicas: in
     Every element of a parameter lives on exactly `replicas` ranks (1 when fully sharded, the replica
     groups with hybrid sharding; experts included, whose EP and FSDP shards partition them), so the squared
     norm is the sum of the local shards' squares over all ranks / `replicas`, whatever mesh each parameter
-    is on. Summed in fp64: `clip_grad_norm_`'s fp32 norm of DTensors was off by 5e-5 relative on a 4M
-    parameter model, more than the differences between two sharding layouts of the same run.
+    is on (summed in fp64, see `train.grad_norm`).
     """
     grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in params)]
-    total = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum()
+    total = squared_sum(grads)
     if dist.is_initialized() and dist.get_world_size() > 1:
         if total.device.type == "cpu" and dist.get_backend() == "nccl":  # CPU-offloaded gradients
             total = total.cuda()
         dist.all_reduce(total)
     norm = (total / replicas).sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(device=g.device, dtype=g.dtype))
+    clip_to(grads, norm, max_norm)
     return norm.float()
 
 

@@ -38,6 +38,7 @@ from moe_recipes.precision import resolve_precision
 from moe_recipes.train import checkpoint as ckpt_io
 from moe_recipes.train.engine import deepspeed_config, gradient_accumulation_steps, initialize, set_lr
 from moe_recipes.train.fsdp_engine import initialize_fsdp
+from moe_recipes.train.grad_norm import squared_sum
 from moe_recipes.train.metrics import (
     MetricsWriter,
     console_line,
@@ -383,13 +384,13 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], stop: Sto
 
 def _grad_norm(engine: Any) -> torch.Tensor | float:
     """ZeRO-0's global gradient norm (every rank holds the full, reduced gradients), summed in fp64 like
-    FSDP2's (fsdp_engine.clip_sharded_grads): an fp32 norm was 1e-4 off on a 4M-parameter model."""
+    the other engines' (`train.grad_norm`)."""
     if hasattr(engine, "global_grad_norm"):  # expert parallel: ranks hold different experts' gradients
         return engine.global_grad_norm()
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    return torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().sqrt().float()
+    return squared_sum(grads).sqrt().float()
 
 
 def evaluate(run: Run) -> float | None:

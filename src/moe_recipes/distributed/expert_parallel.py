@@ -217,6 +217,5 @@ def shard_experts(
             setattr(module, pname, new)
         implementation = type(module).forward
         module.forward = types.MethodType(_ep_forward(implementation, layout, group), module)
-        module.expert_parallel = layout
         modules.append(module)
     return modules

@@ -3,10 +3,12 @@
 Every way out of training (converting a checkpoint, converting a consolidated state dict, exporting from
 a live engine) ends here, so the folders they write are identical:
 
-* weights: the keys of the HF model's own ``state_dict()`` for the config's architecture (in transformers 5
-  the fused expert tensors ``experts.gate_up_proj``/``experts.down_proj``), persistent buffers included
-  (e.g. DeepSeek-V3's ``e_score_correction_bias``), tied aliases left out (``lm_head.weight`` when the
-  embeddings are tied), in ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``;
+* weights: the released layout, the tensors ``save_pretrained`` writes for the config's architecture (see
+  ``hf_layout.py``: per-expert ``w1/w2/w3`` or ``gate_proj/up_proj/down_proj``, not transformers 5's fused
+  in-memory ``experts.gate_up_proj``), persistent buffers included (e.g. DeepSeek-V3's
+  ``e_score_correction_bias``), tied aliases left out (``lm_head.weight`` when the embeddings are tied), in
+  ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. Every reader of Hugging
+  Face checkpoints (transformers 4.x and 5, vLLM, SGLang, llama.cpp's converter) reads this layout;
 * ``config.json``: the base model's file byte for byte, except that its ``dtype`` field is rewritten when the
   weights are saved in another dtype (``from_pretrained`` reads it as the default dtype);
 * ``generation_config.json`` (copied, or derived from the config when the base model has none) and the
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from moe_recipes.fileio import publish, staging_dir  # noqa: F401 - re-exported for convert
+from moe_recipes.hf_layout import ReleasedLayout, released_layout
 from moe_recipes.layout import HF_FILES
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -69,7 +72,7 @@ def parse_size(size: str | int) -> int:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of the output folder: its HF name, shape and the dtype it is saved in."""
+    """One tensor of the model in memory: its name, whole shape and the dtype it is saved in."""
 
     name: str
     shape: tuple[int, ...]
@@ -82,12 +85,14 @@ class TensorSpec:
 
 @dataclass
 class ModelLayout:
-    """What the folder of one architecture holds: tensor specs in model order and the dropped tied aliases."""
+    """What the folder of one architecture holds: the in-memory tensors in model order, the file tensors each
+    becomes (`released`), and the dropped tied aliases."""
 
     config: Any
     class_name: str
     specs: list[TensorSpec]
     tied: dict[str, str]  # alias left out -> the name it shares its storage with
+    released: ReleasedLayout
 
     def describe(self) -> str:
         return f"{self.class_name} (model_type {self.config.model_type!r})"
@@ -144,7 +149,8 @@ def layout_of(model: Any, dtype: torch.dtype) -> ModelLayout:
         # ZeRO-3 partitions and DeepSpeed expert-parallel slices know the whole tensor's shape
         shape = getattr(tensor, "ds_shape", getattr(tensor, "ep_global_shape", tensor.shape))
         specs.append(TensorSpec(name, tuple(shape), out))
-    return ModelLayout(model.config, type(model).__name__, specs, tied)
+    released = released_layout(model, [(spec.name, spec.shape) for spec in specs])
+    return ModelLayout(model.config, type(model).__name__, specs, tied, released)
 
 
 def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
@@ -164,13 +170,17 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def prepare_tensor(tensor: torch.Tensor, spec: TensorSpec, where: str) -> torch.Tensor:
-    """A private CPU copy of `tensor` in the spec's dtype (copies never alias memory-mapped sources)."""
+def file_tensors(
+    layout: ModelLayout, spec: TensorSpec, tensor: torch.Tensor, where: str
+) -> dict[str, torch.Tensor]:
+    """The released file tensors of the in-memory `tensor`: private CPU copies in the spec's dtype (never
+    aliasing memory-mapped sources or each other, as safetensors requires)."""
     if tuple(tensor.shape) != spec.shape:
         raise ValueError(
             f"{where}: {spec.name} has shape {tuple(tensor.shape)}, the config expects {spec.shape}"
         )
-    return tensor.detach().to(device="cpu", dtype=spec.dtype, copy=True).contiguous()
+    pieces = layout.released.split(spec.name, tensor.detach())
+    return {name: t.to(device="cpu", dtype=spec.dtype, copy=True).contiguous() for name, t in pieces.items()}
 
 
 def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -179,9 +189,14 @@ def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def write_index(out_dir: Path, shards: list[list[TensorSpec]]) -> None:
+def write_index(out_dir: Path, layout: ModelLayout, shards: list[list[TensorSpec]]) -> None:
     """`model.safetensors.index.json` (written even for one shard, so every folder has the same files)."""
-    weight_map = {spec.name: shard_name(i, len(shards)) for i, shard in enumerate(shards) for spec in shard}
+    weight_map = {
+        f.name: shard_name(i, len(shards))
+        for i, shard in enumerate(shards)
+        for spec in shard
+        for f in layout.released.pieces[spec.name]
+    }
     total = sum(spec.nbytes for shard in shards for spec in shard)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -195,15 +210,19 @@ def write_weights(
     where: str,
     progress: bool = False,
 ) -> None:
-    """Write all shards, materialising one shard at a time: memory stays near one shard's size."""
+    """Write all shards, materialising one shard at a time: memory stays near one shard's size.
+
+    Shards are planned by in-memory tensor, so the file tensors of one in-memory tensor share a shard."""
     from tqdm import tqdm
 
     shards = plan_shards(layout.specs, max_bytes)
     for i, shard in enumerate(tqdm(shards, desc="writing shards", unit="shard", disable=not progress)):
-        tensors = {spec.name: prepare_tensor(fetch(spec), spec, where) for spec in shard}
+        tensors: dict[str, torch.Tensor] = {}
+        for spec in shard:
+            tensors |= file_tensors(layout, spec, fetch(spec), where)
         save_shard(out_dir / shard_name(i, len(shards)), tensors)
         del tensors
-    write_index(out_dir, shards)
+    write_index(out_dir, layout, shards)
 
 
 def write_config_files(src_dir: Path, out_dir: Path, config: Any, dtype: torch.dtype) -> None:

@@ -16,7 +16,7 @@ from moe_recipes.infer.perplexity import evaluate_perplexity
 from tests.harness import run_cli_distributed
 
 from ..train.utils import write_config
-from .utils import SHORT, expected_keys, last_valid_loss, logits_of, probe_ids, weight_map
+from .utils import SHORT, assert_released_layout, expected_keys, last_valid_loss, logits_of, probe_ids, weight_map
 
 pytestmark = pytest.mark.distributed
 
@@ -36,6 +36,7 @@ def run_dir(tmp_path_factory, tiny_mixtral, tiny_dataset) -> Path:
 def assert_same_model(folder: Path, exported: Path, base: str) -> None:
     ids = probe_ids()
     assert set(weight_map(folder)) == expected_keys(base)
+    assert_released_layout(folder, base)
     assert torch.equal(logits_of(folder, ids), logits_of(exported, ids)), folder
 
 

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from moe_recipes.convert.hf import convert_checkpoint
+from moe_recipes.hf_folder import load_hf_config, model_layout
 from moe_recipes.infer.perplexity import evaluate_perplexity
 from moe_recipes.models.init import ARCHITECTURES
 
@@ -16,6 +17,7 @@ from ..assets import MIXTRAL_TOKENIZER
 from ..train.utils import make_config
 from .utils import (
     SHORT,
+    assert_released_layout,
     expected_keys,
     last_valid_loss,
     logits_of,
@@ -36,6 +38,7 @@ def check_folder(folder: Path, base: Path) -> None:
         assert (folder / name).read_bytes() == (base / name).read_bytes(), name
     wmap = weight_map(folder)
     assert set(wmap) == expected_keys(base)
+    assert_released_layout(folder, base)
     stored: set[str] = set()
     for shard in set(wmap.values()):
         with safe_open(str(folder / shard), "pt") as f:
@@ -67,9 +70,9 @@ def test_mixtral_convert_and_export_match_trainer(tmp_path, tiny_mixtral, tiny_d
     exported = tmp_path / "ckpt" / "iter_0000002" / "hf"
     for folder in (converted, exported):
         check_folder(folder, Path(tiny_mixtral))
-        assert "model.layers.0.mlp.experts.gate_up_proj" in weight_map(
-            folder
-        )  # fused, as transformers 5 holds it
+        # the released layout (one tensor per expert), not transformers 5's fused in-memory tensors
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in weight_map(folder)
+        assert not [k for k in weight_map(folder) if "gate_up_proj" in k]
         assert_same_logits(folder, reference, ids)
     if stage == 0:  # the eval command reproduces the trainer's validation loss on the same samples
         result = evaluate_perplexity(
@@ -119,6 +122,7 @@ def test_architecture_round_trip(tmp_path, tiny_dataset, arch, stage, options):
     for folder in (converted, tmp_path / "ckpt" / "iter_0000002" / "hf"):
         wmap = weight_map(folder)
         assert set(wmap) == expected_keys(base)
+        assert_released_layout(folder, base)
         if options.get("tie"):
             assert "lm_head.weight" not in wmap
         assert_same_logits(folder, reference, ids)
@@ -164,10 +168,15 @@ def test_deepspeed_bf16_converts_the_fp32_master_weights(tmp_path, tiny_mixtral,
     for shard in set(weight_map(out).values()):
         with safe_open(str(out / shard), "pt") as f:
             converted |= {k: f.get_tensor(k) for k in f.keys()}
+    layout = model_layout(load_hf_config(Path(tiny_mixtral)), torch.bfloat16)
+    bf16_files = {}  # the bf16 module state in the released layout, to compare file tensor by file tensor
+    for spec in layout.specs:
+        bf16_files |= layout.released.split(spec.name, module[f"model.{spec.name}"])
+    assert bf16_files.keys() == converted.keys()
     more_precise = False
     for name, tensor in converted.items():
         assert tensor.dtype == torch.float32
-        assert torch.equal(tensor.to(torch.bfloat16), module[f"model.{name}"]), name
+        assert torch.equal(tensor.to(torch.bfloat16), bf16_files[name]), name
         more_precise |= not torch.equal(tensor, tensor.to(torch.bfloat16).float())
     assert more_precise
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe_recipes.config import Config
@@ -90,16 +91,37 @@ def weight_map(folder: Path) -> dict[str, str]:
     return json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
 
 
-def expected_keys(config_dir: Path | str) -> set[str]:
-    """The names the HF model of this config has in its state dict, tied aliases left out."""
-    from transformers import AutoConfig
+def folder_layout(folder: Path | str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor a safetensors model folder holds: name -> (shape, dtype), read from the file headers."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"{folder} holds no safetensors files"
+    out = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[key] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
+    return out
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(config_dir)))
-    params = {name for name, _ in model.named_parameters()}  # tied aliases removed
-    all_params = dict(model.named_parameters(remove_duplicate=False))
-    persistent_buffers = {k for k in model.state_dict() if k not in all_params}
-    return params | persistent_buffers
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
+
+
+def expected_keys(base: Path | str) -> set[str]:
+    """The names `save_pretrained` wrote into the base folder: the released layout of its architecture."""
+    return set(folder_layout(base))
+
+
+def assert_released_layout(folder: Path | str, base: Path | str, dtype: torch.dtype | None = None) -> None:
+    """`folder` holds exactly the tensor names and shapes `save_pretrained` wrote into `base` (and their
+    dtypes, or `dtype` for every tensor the base holds in its own float dtype)."""
+    got, want = folder_layout(folder), folder_layout(base)
+    assert set(got) == set(want), f"missing {sorted(set(want) - set(got))[:4]}, extra {sorted(set(got) - set(want))[:4]}"
+    for name, (shape, base_dtype) in want.items():
+        assert got[name][0] == shape, f"{name}: shape {got[name][0]}, save_pretrained wrote {shape}"
+        if dtype is None:
+            assert got[name][1] == base_dtype, f"{name}: dtype {got[name][1]}, save_pretrained wrote {base_dtype}"
 
 
 def last_valid_loss(run_dir: Path) -> float:

@@ -21,12 +21,13 @@ from torch.distributed.tensor import DTensor
 
 from moe_recipes.distributed.deepspeed_ep import gather_expert_param, is_expert_param
 from moe_recipes.hf_folder import (
+    ModelLayout,
     TensorSpec,
+    file_tensors,
     layout_of,
     load_hf_config,
     parse_size,
     plan_shards,
-    prepare_tensor,
     publish,
     save_shard,
     shard_name,
@@ -54,12 +55,14 @@ def hf_model_of(engine: Any) -> nn.Module:
     return model
 
 
-def _full_tensor(tensor: torch.Tensor, spec: TensorSpec, keep: bool, where: str) -> torch.Tensor | None:
-    """The whole tensor as a CPU copy in the output dtype on the writing rank (None elsewhere).
+def _file_tensors(
+    layout: ModelLayout, tensor: torch.Tensor, spec: TensorSpec, keep: bool
+) -> dict[str, torch.Tensor]:
+    """The released file tensors of the whole tensor as CPU copies in the output dtype on the writing rank
+    (nothing elsewhere).
 
     A ZeRO-3 partitioned parameter (it has `ds_id`) or an FSDP2 DTensor shard is gathered from all ranks,
-    so every rank must call
-    this in the same order.
+    so every rank must call this in the same order.
     """
     if isinstance(tensor, DTensor):  # FSDP2 shard: gathered from all ranks
         tensor = tensor.full_tensor()
@@ -69,8 +72,8 @@ def _full_tensor(tensor: torch.Tensor, spec: TensorSpec, keep: bool, where: str)
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
-            return prepare_tensor(tensor.data, spec, where) if keep else None
-    return prepare_tensor(tensor, spec, where) if keep else None
+            return file_tensors(layout, spec, tensor.data, "export") if keep else {}
+    return file_tensors(layout, spec, tensor, "export") if keep else {}
 
 
 def export_hf(
@@ -83,7 +86,8 @@ def export_hf(
     """Write the engine's current weights as a Hugging Face folder at `out_dir` (collective, rank 0 writes).
 
     Config, generation config and tokenizer come from the base model folder `cfg.model.path`; the weights
-    are the model's own state dict in `dtype` (tied aliases dropped, persistent buffers kept). An existing
+    are the model's own state dict in `dtype` in the released layout (`hf_layout.py`: what `save_pretrained`
+    writes; tied aliases dropped, persistent buffers kept). An existing
     `out_dir` is replaced once the new folder is complete.
     """
     out_dir = Path(out_dir)
@@ -98,12 +102,14 @@ def export_hf(
     tmp = staging_dir(out_dir) if writer else None
     try:
         for i, shard in enumerate(shards):
-            tensors = {spec.name: _full_tensor(state[spec.name], spec, writer, "export") for spec in shard}
+            tensors: dict[str, torch.Tensor] = {}
+            for spec in shard:
+                tensors |= _file_tensors(layout, state[spec.name], spec, writer)
             if tmp is not None:
                 save_shard(tmp / shard_name(i, len(shards)), tensors)  # type: ignore[arg-type]
             del tensors
         if tmp is not None:
-            write_index(tmp, shards)
+            write_index(tmp, layout, shards)
             write_config_files(model_dir, tmp, load_hf_config(model_dir), dtype)
             publish(tmp, out_dir)
     except BaseException:

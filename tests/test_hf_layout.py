@@ -19,7 +19,7 @@ from moe_recipes.convert.hf import convert_state_dict
 from moe_recipes.hf_folder import model_layout
 from moe_recipes.hf_layout import released_layout
 
-from .convert.utils import assert_released_layout, folder_layout
+from .convert.utils import assert_released_layout
 
 _ATTN = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 _MLA = {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
@@ -102,8 +102,14 @@ def test_written_layout_equals_save_pretrained(tmp_path, arch, dtype):
     base = tmp_path / "save_pretrained"
     model.save_pretrained(str(base))
     state = tmp_path / "state.pt"  # the in-memory names, as a consolidated ZeRO state dict holds them
-    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not
-                model.config.tie_word_embeddings}, state)
+    torch.save(
+        {
+            k: v
+            for k, v in model.state_dict().items()
+            if k != "lm_head.weight" or not model.config.tie_word_embeddings
+        },
+        state,
+    )
     ours = convert_state_dict(state, base, tmp_path / "ours", max_shard_size="20KB")
     assert len(list(ours.glob("*.safetensors"))) > 1  # several shards: a split tensor stays whole in one
     assert_released_layout(ours, base)
@@ -125,8 +131,11 @@ def test_rows_read_back_every_tensor_in_any_split(tmp_path, arch):
     model = _tiny(arch, tmp_path)
     model.save_pretrained(str(tmp_path / "base"))
     files = _tensors(tmp_path / "base")
-    state = {k: v for k, v in model.state_dict().items() if k in model_layout(model.config, torch.float32)
-             .released.pieces}
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k in model_layout(model.config, torch.float32).released.pieces
+    }
     layout = released_layout(model, [(k, tuple(v.shape)) for k, v in state.items()])
     for name, whole in state.items():
         n = whole.shape[0] if whole.dim() else 1
@@ -151,8 +160,14 @@ def test_layout_of_a_real_size_model_is_quick():
     import time
 
     config = AutoConfig.for_model(
-        "mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, num_local_experts=8, vocab_size=32000,
+        "mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        vocab_size=32000,
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()

@@ -68,7 +68,9 @@ class FileTensor:
         """This file tensor's values, cut from the whole in-memory `tensor` (a view where possible)."""
         return tensor[self._index()].permute(self._order()).reshape(self.shape)
 
-    def put(self, tensor: torch.Tensor, value: torch.Tensor, index: tuple[int | slice, ...] | None = None) -> None:
+    def put(
+        self, tensor: torch.Tensor, value: torch.Tensor, index: tuple[int | slice, ...] | None = None
+    ) -> None:
         """Copy the file tensor's `value` (or the rows `rows` asked for) into its block of `tensor`.
 
         `index` is `rows`'s destination index into a local tensor of some rows; None: `tensor` is whole."""
@@ -209,7 +211,9 @@ def _probe(
         with _NoCopies(), torch.no_grad():
             out = _revert(view, {name: probe})
         if set(out) != set(out_shapes):
-            raise ValueError(f"{name}: the reverse conversion gave other names on a probe ({sorted(out)[:3]})")
+            raise ValueError(
+                f"{name}: the reverse conversion gave other names on a probe ({sorted(out)[:3]})"
+            )
         for file_name, piece in out.items():
             found[file_name].append(_runs_along(name, file_name, piece))
     files = []
@@ -218,7 +222,9 @@ def _probe(
         block = tuple(first if k is None else (first, first + file_shape[k]) for k, first in per_dim)
         ft = FileTensor(file_name, file_shape, block, tuple(k for k, _ in per_dim))
         if ft.numel != _block_numel(ft.block):
-            raise ValueError(f"{name} -> {file_name}: the file tensor is not one block of the in-memory tensor")
+            raise ValueError(
+                f"{name} -> {file_name}: the file tensor is not one block of the in-memory tensor"
+            )
         files.append(ft)
     return tuple(files)
 

@@ -16,7 +16,15 @@ from moe_recipes.infer.perplexity import evaluate_perplexity
 from tests.harness import run_cli_distributed
 
 from ..train.utils import write_config
-from .utils import SHORT, assert_released_layout, expected_keys, last_valid_loss, logits_of, probe_ids, weight_map
+from .utils import (
+    SHORT,
+    assert_released_layout,
+    expected_keys,
+    last_valid_loss,
+    logits_of,
+    probe_ids,
+    weight_map,
+)
 
 pytestmark = pytest.mark.distributed
 

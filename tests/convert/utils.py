@@ -117,11 +117,15 @@ def assert_released_layout(folder: Path | str, base: Path | str, dtype: torch.dt
     """`folder` holds exactly the tensor names and shapes `save_pretrained` wrote into `base` (and their
     dtypes, or `dtype` for every tensor the base holds in its own float dtype)."""
     got, want = folder_layout(folder), folder_layout(base)
-    assert set(got) == set(want), f"missing {sorted(set(want) - set(got))[:4]}, extra {sorted(set(got) - set(want))[:4]}"
+    assert set(got) == set(want), (
+        f"missing {sorted(set(want) - set(got))[:4]}, extra {sorted(set(got) - set(want))[:4]}"
+    )
     for name, (shape, base_dtype) in want.items():
         assert got[name][0] == shape, f"{name}: shape {got[name][0]}, save_pretrained wrote {shape}"
         if dtype is None:
-            assert got[name][1] == base_dtype, f"{name}: dtype {got[name][1]}, save_pretrained wrote {base_dtype}"
+            assert got[name][1] == base_dtype, (
+                f"{name}: dtype {got[name][1]}, save_pretrained wrote {base_dtype}"
+            )
 
 
 def last_valid_loss(run_dir: Path) -> float:

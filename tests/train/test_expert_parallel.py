@@ -98,7 +98,12 @@ def test_fsdp2_ep_checkpoints_reshard_and_convert(tmp_path, ep_models, tiny_data
     exported, written = _tensors(final / "hf"), _tensors(Path(converted))
     assert exported.keys() == written.keys()
     # all 4 experts, each in the released per-expert layout, although each rank held 2
-    assert {k.split(".experts.")[1].split(".")[0] for k in written if ".experts." in k} == {"0", "1", "2", "3"}
+    assert {k.split(".experts.")[1].split(".")[0] for k in written if ".experts." in k} == {
+        "0",
+        "1",
+        "2",
+        "3",
+    }
     for name, tensor in written.items():
         assert torch.equal(tensor, exported[name]), name
     reference = convert_checkpoint(tmp_path / "ref_ckpt" / "iter_0000006", tmp_path / "ref_converted")

@@ -16,7 +16,7 @@ from moe_recipes.train.preflight import check_resume_compatible
 from tests.conftest import EP_FAMILIES as FAMILIES
 from tests.harness import run_cli_distributed
 
-from ..convert.utils import assert_released_layout, logits_of, probe_ids, weight_map
+from ..convert.utils import assert_released_layout, logits_of, probe_ids
 from .test_expert_parallel import PARITY, _launch
 from .utils import make_config, step_records, write_config
 
@@ -121,7 +121,9 @@ def test_deepspeed_ep2_checkpoint_converts_to_the_trained_model(ds_runs, ep_mode
     assert torch.equal(logits, logits_of(ep2 / "ckpt" / "iter_0000010" / "hf", ids))  # the live export
     torch.testing.assert_close(logits, logits_of(reference, ids), rtol=1e-4, atol=1e-4)
     with safe_open(str(converted / "model-00001-of-00001.safetensors"), framework="pt") as f:
-        assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in f.keys()  # every expert, released names
+        assert (
+            "model.layers.0.block_sparse_moe.experts.3.w1.weight" in f.keys()
+        )  # every expert, released names
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from moe_recipes.train.fsdp_engine import build_mesh
 from moe_recipes.train.signals import StopRequest
 from tests.harness import run_cli_distributed
 
-from ..convert.utils import logits_of, probe_ids, weight_map
+from ..convert.utils import assert_released_layout, expected_keys, logits_of, probe_ids, weight_map
 from .utils import make_config, step_records, write_config
 
 FSDP = "distributed.engine=fsdp2"
@@ -130,7 +130,9 @@ def test_conversion_gives_the_trainer_weights(tmp_path, tiny_mixtral, tiny_datas
     exported = tmp_path / "ckpt" / "iter_0000002" / "hf"
     model = AutoModelForCausalLM.from_pretrained(str(converted))
     trained = {k.removeprefix("model."): v for k, v in full.items()}
-    assert set(weight_map(converted)) == set(weight_map(exported)) == set(model.state_dict())
+    assert set(weight_map(converted)) == set(weight_map(exported)) == expected_keys(tiny_mixtral)
+    assert_released_layout(converted, tiny_mixtral)
+    assert_released_layout(exported, tiny_mixtral)
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
     ids = probe_ids()
     assert torch.equal(logits_of(converted, ids), logits_of(exported, ids))
@@ -180,9 +182,7 @@ def test_two_process_fsdp2_matches_zero3_and_reshards_to_one(tmp_path, tiny_mixt
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
         assert b[step]["consumed_samples"] == a[step]["consumed_samples"]
     assert json.loads((ckpt / "iter_0000004" / "run_state.json").read_text())["world_size"] == 1
-    assert set(weight_map(converted)) == set(
-        AutoModelForCausalLM.from_pretrained(str(converted)).state_dict()
-    )
+    assert_released_layout(converted, tiny_mixtral)  # a 2-process DCP checkpoint, in the released layout
 
 
 @pytest.mark.distributed

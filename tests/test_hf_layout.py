@@ -179,3 +179,31 @@ def test_layout_of_a_real_size_model_is_quick():
     assert "model.layers.31.block_sparse_moe.experts.7.w2.weight" in names
     assert grown_mb < 500, f"computing the layout grew the peak RSS by {grown_mb:.0f} MB"
     assert took < 60
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_folders_in_the_old_fused_layout_load_and_convert_to_the_released_one(tmp_path, arch):
+    """A folder written before the released layout (transformers 5's in-memory names) still loads, and
+    `convert --base-model` of it, or of a released folder, writes the released layout with the same values."""
+    from safetensors.torch import save_file
+
+    from moe_recipes.models.loading import load_model
+
+    model = _tiny(arch, tmp_path)
+    released = tmp_path / "released"
+    model.save_pretrained(str(released))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_bytes((released / "config.json").read_bytes())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "model.safetensors"))
+    assert any(k.endswith("experts.gate_up_proj") for k in _tensors(old))  # the fused in-memory names
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert torch.equal(load_model(str(old)).eval()(input_ids=ids).logits, expected)
+    want = _tensors(released)
+    for source in (old, released):
+        out = convert_state_dict(source, released, tmp_path / f"from_{source.name}")
+        assert_released_layout(out, released)
+        got = _tensors(out)
+        assert all(torch.equal(got[k], want[k]) for k in want), source.name

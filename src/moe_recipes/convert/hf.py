@@ -24,6 +24,7 @@ from moe_recipes.convert.sources import TensorSource, checkpoint_source, inspect
 from moe_recipes.fileio import is_out_of_space, out_of_space_error
 from moe_recipes.hf_folder import (
     ModelLayout,
+    TensorSpec,
     check_output,
     load_hf_config,
     model_layout,
@@ -44,15 +45,8 @@ def _examples(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
 
-def match_keys(layout: ModelLayout, source: TensorSource, config_file: Path) -> dict[str, str]:
-    """HF name -> source key for every tensor of `layout`; a ValueError lists what does not fit.
-
-    The prefix that makes most names fit is stripped. Tied aliases (`lm_head.weight` with tied embeddings)
-    may be present in the source and are ignored; anything else missing, extra or of another shape means
-    the config describes another architecture or size than the weights.
-    """
-    keys = source.keys()
-    expected = {spec.name for spec in layout.specs}
+def _best_prefix(keys: list[str], expected: set[str]) -> tuple[int, str, dict[str, str]]:
+    """(hits, prefix, stripped name -> key) for the prefix under which most `keys` are `expected` names."""
     best: tuple[int, str, dict[str, str]] | None = None
     for prefix in KEY_PREFIXES:
         mapped = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
@@ -60,14 +54,35 @@ def match_keys(layout: ModelLayout, source: TensorSource, config_file: Path) -> 
         if best is None or hits > best[0]:
             best = (hits, prefix, mapped)
     assert best is not None
-    _, prefix, mapped = best
-    allowed = expected | set(layout.tied)
-    missing = [spec.name for spec in layout.specs if spec.name not in mapped]
+    return best
+
+
+def match_keys(
+    layout: ModelLayout, source: TensorSource, config_file: Path
+) -> Callable[[TensorSpec], torch.Tensor]:
+    """How to read each in-memory tensor of `layout` from `source`; a ValueError lists what does not fit.
+
+    The source may hold the in-memory names (our checkpoints, zero_to_fp32's output, folders written before
+    the released layout was) or the released ones (a Hugging Face folder): whichever fits more names, under
+    the prefix that makes most names fit. Tied aliases (`lm_head.weight` with tied embeddings) may be
+    present and are ignored; anything else missing, extra or of another shape means the config describes
+    another architecture or size than the weights.
+    """
+    keys = source.keys()
+    in_memory = {spec.name: spec.shape for spec in layout.specs}
+    released = {f.name: f.shape for files in layout.released.pieces.values() for f in files}
+    by_memory = _best_prefix(keys, set(in_memory))
+    by_file = _best_prefix(keys, set(released))
+    use_files = by_file[0] > by_memory[0]
+    _, prefix, mapped = by_file if use_files else by_memory
+    expected = released if use_files else in_memory
+    allowed = expected.keys() | set(layout.tied)
+    missing = [name for name in expected if name not in mapped]
     unexpected = [k for k in keys if not k.startswith(prefix) or k[len(prefix) :] not in allowed]
     wrong = [
-        f"{spec.name} {source.shape(mapped[spec.name])} (expected {spec.shape})"
-        for spec in layout.specs
-        if spec.name in mapped and source.shape(mapped[spec.name]) != spec.shape
+        f"{name} {source.shape(mapped[name])} (expected {shape})"
+        for name, shape in expected.items()
+        if name in mapped and source.shape(mapped[name]) != shape
     ]
     if missing or unexpected or wrong:
         parts = []
@@ -82,7 +97,20 @@ def match_keys(layout: ModelLayout, source: TensorSource, config_file: Path) -> 
             + "; ".join(parts)
             + ". Are the config and the weights of the same architecture and size?"
         )
-    return {spec.name: mapped[spec.name] for spec in layout.specs}
+    if not use_files:
+        return lambda spec: source.get(mapped[spec.name])
+
+    def assemble(spec: TensorSpec) -> torch.Tensor:
+        files = layout.released.pieces[spec.name]
+        first = source.get(mapped[files[0].name])
+        if len(files) == 1 and files[0].name == spec.name:
+            return first
+        whole = torch.empty(spec.shape, dtype=first.dtype)
+        for f in files:
+            f.put(whole, first if f is files[0] else source.get(mapped[f.name]))
+        return whole
+
+    return assemble
 
 
 def _convert(
@@ -102,12 +130,10 @@ def _convert(
     config = load_hf_config(hf_dir)
     layout = model_layout(config, out_dtype)
     source = open_source()
-    names = match_keys(layout, source, hf_dir / "config.json")
+    fetch = match_keys(layout, source, hf_dir / "config.json")
     tmp = staging_dir(output)
     try:
-        write_weights(
-            tmp, layout, lambda spec: source.get(names[spec.name]), max_bytes, source.where, progress=progress
-        )
+        write_weights(tmp, layout, fetch, max_bytes, source.where, progress=progress)
         write_config_files(hf_dir, tmp, config, out_dtype)
         publish(tmp, output)
     except BaseException as err:

@@ -254,10 +254,18 @@ class FSDPEngine:
 
 
 def initialize_fsdp(
-    module: nn.Module, cfg: Config, info: MoEInfo, grad_accum: int, device: torch.device
+    module: nn.Module,
+    cfg: Config,
+    info: MoEInfo,
+    grad_accum: int,
+    device: torch.device,
+    weights: str | None = None,
 ) -> tuple[FSDPEngine, SkippableAdamW]:
     """Shard `module` (the objective around the model `info` describes) with FSDP2, with expert
-    parallelism when `distributed.expert_parallel_size` > 1, and build its SkippableAdamW."""
+    parallelism when `distributed.expert_parallel_size` > 1, and build its SkippableAdamW.
+
+    With `weights` (a Hugging Face folder) the module is on the ``meta`` device: after sharding, each rank
+    materialises only its shards and reads only their rows from the folder (`models.sharded_load`)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     d = cfg.distributed
     mesh = build_mesh(device.type, world, d.fsdp_shard_size)
@@ -267,6 +275,11 @@ def initialize_fsdp(
         expert_mesh = build_expert_mesh(device.type, world, d.expert_parallel_size)
         experts = (shard_experts_over_mesh(info, expert_mesh), expert_mesh)
     shard_model(module, cfg, info.decoder_layer_classes, mesh, experts)
+    if weights is not None:
+        from moe_recipes.models.sharded_load import fill_from_folder
+
+        module.to_empty(device=device)
+        fill_from_folder(module.model, weights)
     # Built after sharding, so the optimizer holds (and keeps its state for) the DTensor shards.
     optimizer = build_optimizer(module, cfg.optim)
     engine = FSDPEngine(

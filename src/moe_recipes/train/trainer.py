@@ -34,6 +34,7 @@ from moe_recipes.models.balancing import check_bias_update, measure_global_load,
 from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
 from moe_recipes.models.loading import load_model
+from moe_recipes.models.sharded_load import build_on_meta, starts_sharded
 from moe_recipes.precision import resolve_precision
 from moe_recipes.train import checkpoint as ckpt_io
 from moe_recipes.train.engine import deepspeed_config, gradient_accumulation_steps, initialize, set_lr
@@ -122,12 +123,20 @@ def _setup(cfg: Config) -> Run:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive.append(HfDeepSpeedConfig(ds_config))
-    model = load_model(
-        cfg.model.path,
-        attn_implementation=cfg.model.attn_implementation,
-        experts_implementation=cfg.model.experts_implementation,
-        device=device,
-    )
+    sharded_start = starts_sharded(cfg)
+    if sharded_start:  # built on meta; FSDP2 materialises and reads only this rank's shards
+        model = build_on_meta(
+            cfg.model.path,
+            attn_implementation=cfg.model.attn_implementation,
+            experts_implementation=cfg.model.experts_implementation,
+        )
+    else:
+        model = load_model(
+            cfg.model.path,
+            attn_implementation=cfg.model.attn_implementation,
+            experts_implementation=cfg.model.experts_implementation,
+            device=device,
+        )
     model.config.use_cache = False
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -157,7 +166,8 @@ def _setup(cfg: Config) -> Run:
     elif use_ds:
         engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
     else:
-        engine, optimizer = initialize_fsdp(objective, cfg, info, grad_accum, device)
+        weights = cfg.model.path if sharded_start else None
+        engine, optimizer = initialize_fsdp(objective, cfg, info, grad_accum, device, weights)
     data = build_training_data(cfg)
     writer = MetricsWriter(
         cfg.log.dir, env.rank == 0, cfg.log.tensorboard, cfg.log.wandb_project, cfg.to_dict()

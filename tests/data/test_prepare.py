@@ -366,7 +366,7 @@ def test_slow_tokenizer_path_matches_fast(toks: dict) -> None:
     tok = toks["mixtral"]
     lines = jsonl(corpus_texts("ja", 6) + [""])
     spec = prep._EncodeSpec(None, str(TOKENIZER_DIRS["mixtral"]), "text", 1, 2, "uint16", False)
-    chunk = prep._Chunk("mem", 0, data="\n".join(lines).encode())
+    chunk = prep.Piece("mem", 0, data="\n".join(lines).encode())
     slow = prep._Encoder(spec).process(chunk)
     fast = prep._Encoder(spec, tok).process(chunk)
     assert slow.tokens.tolist() == fast.tokens.tolist() and slow.lengths.tolist() == fast.lengths.tolist()

@@ -306,11 +306,14 @@ def _init_worker(spec: _EncodeSpec) -> None:
     """Pool initializer: one-thread tokenizer; Ctrl-C is left to the parent, which stops the pool.
 
     SIGTERM gets its default action back (a forked worker inherits the parent's handler), so that
-    `Pool.terminate()` ends workers quietly.
+    `Pool.terminate()` ends workers quietly. The pool is started with SIGTERM blocked (`_pool`): a
+    terminate that comes before this point stays pending and kills the worker once unblocked here, instead
+    of being lost in the fork and leaving a worker that the pool waits for forever.
     """
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _single_threaded_env()
     _WORKER = _PARENT_ENCODER if _PARENT_ENCODER is not None else _Encoder(spec)
 
@@ -334,6 +337,17 @@ def _one_thread_in_parent() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
+def _pool(workers: int, spec: _EncodeSpec) -> Any:
+    """A pool whose workers start with SIGTERM blocked, until `_init_worker` restores its default action."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return multiprocessing.get_context(START_METHOD).Pool(
+            workers, initializer=_init_worker, initargs=(spec,)
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _results(
     chunks: Iterator[Piece], spec: _EncodeSpec, workers: int, tokenizer: Any
 ) -> Iterator[tuple[Piece, _PieceResult]]:
@@ -349,7 +363,7 @@ def _results(
         _PARENT_ENCODER = encoder
     elif encoder.backend is not None:
         spec = dataclasses.replace(spec, tokenizer_json=encoder.backend.to_str())
-    pool = multiprocessing.get_context(START_METHOD).Pool(workers, initializer=_init_worker, initargs=(spec,))
+    pool = _pool(workers, spec)
     try:
         pending: deque[tuple[Piece, Any]] = deque()
         for chunk in chunks:

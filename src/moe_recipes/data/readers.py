@@ -222,7 +222,8 @@ def _open_parquet(path: str | Path) -> Any:
     if _LAST_PARQUET[0] == key:
         return _LAST_PARQUET[1]
     try:
-        pf = pq.ParquetFile(path, memory_map=True)
+        # Pages written with CRCs (`write_page_checksum`) are checked: damage becomes an error, not garbage.
+        pf = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
         raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
     _LAST_PARQUET[:] = [key, pf]

@@ -98,9 +98,17 @@ def _add_data_info(sub: argparse._SubParsersAction) -> None:
         "data-info",
         help="print statistics and a decoded sample of an indexed dataset",
         description="Print documents, tokens, dtype, the largest token id and a decoded "
-        "sample of PREFIX.{bin,idx}.",
+        "sample of PREFIX.{bin,idx}. Given several prefixes (or --ratio), print each one's tokens and a "
+        "ready-to-paste data.path blend weighted by tokens, or by the --ratio values.",
     )
-    p.add_argument("prefix", help="dataset prefix (path without .bin/.idx)")
+    p.add_argument("prefix", nargs="+", help="dataset prefix(es) (path without .bin/.idx)")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="blend weights, one per prefix (normalised), instead of each prefix's share of the tokens",
+    )
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder used to decode the sample")
     p.add_argument("--sample-index", type=int, default=0, help="which document to decode (default: 0)")
     p.add_argument("--sample-tokens", type=int, default=64, help="how many tokens to decode (default: 64)")
@@ -108,11 +116,14 @@ def _add_data_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_info(args: argparse.Namespace) -> int:
-    from moe_recipes.data.info import data_info
+    from moe_recipes.data.info import blend_report, data_info
 
+    if len(args.prefix) > 1 or args.ratio is not None:
+        print(blend_report(args.prefix, args.ratio))
+        return 0
     print(
         data_info(
-            args.prefix,
+            args.prefix[0],
             tokenizer_dir=args.tokenizer,
             sample_index=args.sample_index,
             sample_tokens=args.sample_tokens,

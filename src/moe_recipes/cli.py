@@ -23,12 +23,15 @@ Handler = Callable[[argparse.Namespace], int | None]
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
-        help="tokenize JSONL into a Megatron-compatible indexed dataset (.bin/.idx)",
+        help="tokenize JSONL, Parquet or datasets folders into a Megatron-compatible indexed dataset (.bin/.idx)",
         description=(
-            "Tokenize JSONL (.jsonl or .jsonl.gz, one JSON object per line) into PREFIX_<key>_document.bin/.idx, "
-            "byte-compatible with Megatron-LM's MMIDIDX indexed dataset. Every document starts with the "
-            "tokenizer's BOS token when it has one (whether or not the tokenizer adds it by itself); "
-            "--no-bos turns this off."
+            "Tokenize documents into PREFIX_<key>_document.bin/.idx, byte-compatible with Megatron-LM's MMIDIDX "
+            "indexed dataset. Inputs, detected from their first bytes and mixed freely: JSON lines (.jsonl/.json, "
+            "plain, gzip or zstd), Parquet (the --json-key column; other columns are not read), Arrow IPC files "
+            "and `datasets` save_to_disk folders. Plain JSON lines are split by byte ranges, Parquet by row "
+            "groups and Arrow by record batches across --workers; compressed JSON lines are decompressed by the "
+            "parent. Every document starts with the tokenizer's BOS token when it has one (whether or not the "
+            "tokenizer adds it by itself); --no-bos turns this off."
         ),
     )
     p.add_argument(
@@ -36,7 +39,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="FILE",
-        help="JSONL files or glob patterns (quote globs so the shell leaves them alone)",
+        help="files, datasets folders or glob patterns (quote globs so the shell leaves them alone)",
     )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="Hugging Face tokenizer folder")
     p.add_argument(
@@ -45,7 +48,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         metavar="PREFIX",
         help="output path prefix; files are PREFIX_<json-key>_document.{bin,idx}",
     )
-    p.add_argument("--json-key", default="text", help="key holding the document text (default: text)")
+    p.add_argument(
+        "--json-key", default="text", help="JSON key or Parquet/Arrow column holding the text (default: text)"
+    )
     p.add_argument(
         "--append-eod",
         action="store_true",
@@ -61,8 +66,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--skip-bad-lines",
         action="store_true",
-        help="skip lines that are not JSON, lack the key or hold a non-string, and count them "
-        "(default: stop with an error naming the file and line)",
+        help="skip lines or rows that are not JSON, lack the key (column), hold a null or non-string or "
+        "invalid UTF-8, and count them (default: stop with an error naming the file and line or row)",
     )
     p.add_argument(
         "--no-word-cache",

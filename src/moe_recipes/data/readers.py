@@ -213,7 +213,7 @@ _LAST_PARQUET: list[Any] = [
 ]  # ((path, size, mtime), ParquetFile): a worker reads one file's row groups in turn
 
 
-def _open_parquet(path: str | Path) -> Any:
+def open_parquet(path: str | Path) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -242,7 +242,7 @@ def _group_runs(sizes: list[int], rows: list[int], chunk_bytes: int) -> Iterator
 
 
 def _parquet_pieces(path: Path, index: int, chunk_bytes: int) -> Iterator[Piece]:
-    meta = _open_parquet(path).metadata
+    meta = open_parquet(path).metadata
     groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
     file_size = path.stat().st_size
     total = sum(g.total_byte_size for g in groups) or 1
@@ -254,7 +254,7 @@ def _parquet_pieces(path: Path, index: int, chunk_bytes: int) -> Iterator[Piece]
         yield Piece(str(path), index, "parquet", start, end, first_row, share)
 
 
-def _open_arrow(path: str | Path) -> Any:
+def open_arrow(path: str | Path) -> Any:
     """A reader over the record batches of an Arrow IPC stream or file, through a memory map."""
     import pyarrow as pa
 
@@ -272,7 +272,7 @@ def _open_arrow(path: str | Path) -> Any:
 def _arrow_batches(path: str | Path) -> Iterator[Any]:
     import pyarrow as pa
 
-    batches, _ = _open_arrow(path)
+    batches, _ = open_arrow(path)
     try:
         yield from batches
     except (pa.ArrowException, OSError) as err:
@@ -354,13 +354,13 @@ def _column(piece: Piece, key: str) -> tuple[Any, list[str]]:
 
     try:
         if piece.kind == "parquet":
-            pf = _open_parquet(piece.path)
+            pf = open_parquet(piece.path)
             names = pf.schema_arrow.names
             groups = list(range(piece.start, piece.end))
             if key not in names:
                 return sum(pf.metadata.row_group(i).num_rows for i in groups), names
             return pf.read_row_groups(groups, columns=[key]).column(key), names
-        reader, schema = _open_arrow(piece.path)
+        reader, schema = open_arrow(piece.path)
         batches = []
         for i, batch in enumerate(reader):
             if i >= piece.end:

@@ -266,3 +266,18 @@ def test_missing_dataset_file_and_plain_folder(tmp_path: Path, texts: list[str])
     next(folder.glob("data-*.arrow")).unlink()
     with pytest.raises(FileNotFoundError, match="state.json lists missing data file"):
         prepare_dataset([str(folder)], TOK, str(tmp_path / "o"))
+
+
+def test_pieces_are_sized_by_decompressed_bytes(tmp_path: Path, texts: list[str]) -> None:
+    """Compressed inputs are cut as finely as their plain twin, not by their (smaller) file size."""
+    from moe_recipes.data.readers import text_bytes
+
+    plain = write_lines(tmp_path / "a.jsonl", jsonl(texts))
+    size = plain.stat().st_size
+    one_frame = write_zstd(tmp_path / "a.jsonl.zst", jsonl(texts), frames=1)
+    gz = write_lines(tmp_path / "a.jsonl.gz", jsonl(texts))
+    assert [text_bytes(p) for p in (plain, one_frame, gz)] == [size, size, size]
+    several = write_zstd(tmp_path / "b.jsonl.zst", jsonl(texts), frames=3)
+    assert size // 3 - 100 < text_bytes(several) < size  # the first frame's size: a lower bound
+    parquet = write_parquet(tmp_path / "a.parquet", fineweb_table(texts))
+    assert size // 2 < text_bytes(parquet) < 3 * size  # the text column dominates the row groups

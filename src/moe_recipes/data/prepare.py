@@ -66,7 +66,14 @@ import numpy as np
 
 from moe_recipes.data.fast_tokenize import BackendEncoder, BatchEncoder, fast_encoder
 from moe_recipes.data.indexed import token_dtype, write_index
-from moe_recipes.data.readers import Piece, dataset_folder_files, is_dataset_folder, iter_pieces, read_piece
+from moe_recipes.data.readers import (
+    Piece,
+    dataset_folder_files,
+    is_dataset_folder,
+    iter_pieces,
+    read_piece,
+    text_bytes,
+)
 from moe_recipes.data.tokenizer import bos_id, eod_id, load_tokenizer
 from moe_recipes.fileio import RunLock, is_out_of_space, out_of_space_error
 
@@ -499,7 +506,8 @@ def prepare_dataset(
     stats = PrepareStats([str(f) for f in files], f"{prefix}.bin", f"{prefix}.idx", spec.dtype)
     stats.files = [FileStats(str(f)) for f in files]
     input_bytes = sum(f.stat().st_size for f in files)
-    chunks = iter_pieces(files, _chunk_bytes(input_bytes, workers))
+    text_total = sum(text_bytes(f) for f in files)  # decompressed: pieces as large for every format
+    chunks = iter_pieces(files, _chunk_bytes(text_total, workers))
     # A second prepare of the same prefix is refused: two could rename a .bin and an .idx of different runs.
     lock = RunLock(Path(f"{prefix}.lock"), f"output prefix {prefix}")
     # Exit order matters: stop the workers, then remove temporary files, then restore SIGTERM.
@@ -514,8 +522,8 @@ def prepare_dataset(
     except OSError as err:
         if not is_out_of_space(err):
             raise
-        # About 3 bytes of JSONL text per token, the token file dominates.
-        needed = input_bytes // 3 * np.dtype(spec.dtype).itemsize
+        # About 3 bytes of text per token, the token file dominates.
+        needed = text_total // 3 * np.dtype(spec.dtype).itemsize
         raise out_of_space_error(err, Path(f"{prefix}.bin"), needed) from err
     finally:
         lock.release()

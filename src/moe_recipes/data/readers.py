@@ -56,6 +56,32 @@ def detect_format(path: str | Path) -> str:
     return "jsonl"
 
 
+def text_bytes(path: Path) -> int:
+    """About how many bytes of records `path` holds once decompressed: sizes pieces the same whatever the
+    compression. Read from the file's own metadata (gzip's ISIZE trailer, zstd's frame header, Parquet's
+    row-group sizes); 4x the file size where it says nothing."""
+    fmt, size = detect_format(path), path.stat().st_size
+    if fmt == "gzip" and size >= 18:
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            isize = int.from_bytes(f.read(4), "little")  # modulo 2**32
+        return isize if isize >= size else 4 * size
+    if fmt == "zstd":
+        import zstandard
+
+        with open(path, "rb") as f:
+            head = f.read(18)
+        try:
+            content = zstandard.frame_content_size(head)
+        except zstandard.ZstdError:
+            content = -1
+        return content if content >= size else 4 * size  # the first frame's size (a lower bound), or a guess
+    if fmt == "parquet":
+        meta = open_parquet(path).metadata
+        return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return size
+
+
 def dataset_folder_files(folder: Path) -> list[Path]:
     """The Arrow files of a `datasets.save_to_disk` folder, in the order its state.json lists them."""
     state_file = folder / "state.json"

@@ -1,4 +1,4 @@
-"""Tokenize JSONL documents into a Megatron-LM compatible indexed dataset (`moe-recipes prepare`).
+"""Tokenize documents (JSON lines, Parquet, Arrow, `datasets` folders) into a Megatron-LM compatible indexed dataset (`moe-recipes prepare`).
 
 Output: `PREFIX_<json_key>_document.bin` (tokens back to back) and `.idx` (MMIDIDX version 1, see
 `moe_recipes.data.indexed`), one sequence per document, tokens as uint16 when the vocabulary
@@ -16,13 +16,15 @@ Special tokens, the same for every tokenizer:
 So a document is `[bos] + tokenizer.encode(text, add_special_tokens=False) + [eos]`, with the
 brackets present as chosen.
 
-Input: `.jsonl` files, or `.jsonl.gz` (gzip, recognised by the `.gz` suffix), one JSON object per
-line with the text under `json_key`. Globs are expanded here (sorted per pattern); a pattern or path
-that matches nothing is an error. Files are streamed in chunks of whole lines, never read whole.
+Input: files in any format `data.readers` detects (JSON lines plain, gzip or zstd, one object per line
+with the text under `json_key`; Parquet and Arrow with a `json_key` column), and `datasets` folders
+(standing for their Arrow files). Globs are expanded here (sorted per pattern); a pattern or path that
+matches nothing is an error. Files are streamed in pieces, never read whole.
 
-* A line that is not valid JSON (or not UTF-8), is not an object, lacks `json_key`, or whose value is
-  not a string stops the run with ValueError naming the file and 1-based line number; with
-  `skip_bad_lines=True` such lines are skipped and counted (the first few are reported on stderr).
+* A line (row) that is not valid JSON (or not UTF-8), is not an object, lacks `json_key`, or whose value
+  is null or not a string stops the run with ValueError naming the file and 1-based line (row) number;
+  with `skip_bad_lines=True` such records are skipped and counted (the first few are reported on stderr).
+  A corrupt or truncated compressed stream, Parquet or Arrow file always stops the run.
 * Blank (whitespace-only) lines are skipped silently and not counted as bad (trailing newlines and
   blank separators are common in JSONL); they still count for line numbers.
 * Documents that encode to zero tokens (e.g. `""`) are skipped and counted; no BOS/EOS-only sequence
@@ -30,9 +32,10 @@ that matches nothing is an error. Files are streamed in chunks of whole lines, n
 
 Parallelism: `workers` processes. On Linux they are forked and inherit the parent's ready
 tokenizer; elsewhere they are spawned and rebuild it from the fast backend's JSON (importing no
-transformers). Workers read their own chunks: byte ranges of plain files, so no text passes
-through the parent; gzip streams cannot be seeked, so the parent decompresses them and passes raw
-bytes. Each chunk is encoded in one call and returned as numpy arrays: through the exact word cache
+transformers). Workers read their own pieces (`data.readers.Piece`): byte ranges of plain files, runs of
+Parquet row groups or Arrow record batches, so no text passes through the parent; compressed streams
+cannot be seeked, so the parent decompresses them and passes whole lines. Pieces are sized by the
+inputs' decompressed bytes. Each chunk is encoded in one call and returned as numpy arrays: through the exact word cache
 of `data.fast_tokenize` where the tokenizer allows it (the longest document of every chunk is
 re-encoded with the tokenizer's own pipeline as a check), else with the Rust backend's
 `encode_batch_fast`. Every worker -- and the parent when

@@ -277,6 +277,8 @@ def test_pieces_are_sized_by_decompressed_bytes(tmp_path: Path, texts: list[str]
     one_frame = write_zstd(tmp_path / "a.jsonl.zst", jsonl(texts), frames=1)
     gz = write_lines(tmp_path / "a.jsonl.gz", jsonl(texts))
     assert [text_bytes(p) for p in (plain, one_frame, gz)] == [size, size, size]
+    counts = [len(list(prep.iter_pieces([p], size // 8))) for p in (plain, one_frame, gz)]
+    assert counts[0] >= 6 and counts == [counts[0]] * 3  # the same lines in each piece
     several = write_zstd(tmp_path / "b.jsonl.zst", jsonl(texts), frames=3)
     assert size // 3 - 100 < text_bytes(several) < size  # the first frame's size: a lower bound
     parquet = write_parquet(tmp_path / "a.parquet", fineweb_table(texts))

@@ -386,7 +386,8 @@ def _column(piece: Piece, key: str) -> tuple[Any, list[str]]:
             groups = list(range(piece.start, piece.end))
             if key not in names:
                 return sum(pf.metadata.row_group(i).num_rows for i in groups), names
-            return pf.read_row_groups(groups, columns=[key]).column(key), names
+            # one thread: a worker is one process on one core, like its tokenizer
+            return pf.read_row_groups(groups, columns=[key], use_threads=False).column(key), names
         reader, schema = open_arrow(piece.path)
         batches = []
         for i, batch in enumerate(reader):

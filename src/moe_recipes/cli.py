@@ -23,12 +23,15 @@ Handler = Callable[[argparse.Namespace], int | None]
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
-        help="tokenize JSONL into a Megatron-compatible indexed dataset (.bin/.idx)",
+        help="tokenize JSONL, Parquet or datasets folders into a Megatron-compatible indexed dataset (.bin/.idx)",
         description=(
-            "Tokenize JSONL (.jsonl or .jsonl.gz, one JSON object per line) into PREFIX_<key>_document.bin/.idx, "
-            "byte-compatible with Megatron-LM's MMIDIDX indexed dataset. Every document starts with the "
-            "tokenizer's BOS token when it has one (whether or not the tokenizer adds it by itself); "
-            "--no-bos turns this off."
+            "Tokenize documents into PREFIX_<key>_document.bin/.idx, byte-compatible with Megatron-LM's MMIDIDX "
+            "indexed dataset. Inputs, detected from their first bytes and mixed freely: JSON lines (.jsonl/.json, "
+            "plain, gzip or zstd), Parquet (the --json-key column; other columns are not read), Arrow IPC files "
+            "and `datasets` save_to_disk folders. Plain JSON lines are split by byte ranges, Parquet by row "
+            "groups and Arrow by record batches across --workers; compressed JSON lines are decompressed by the "
+            "parent. Every document starts with the tokenizer's BOS token when it has one (whether or not the "
+            "tokenizer adds it by itself); --no-bos turns this off."
         ),
     )
     p.add_argument(
@@ -36,7 +39,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="FILE",
-        help="JSONL files or glob patterns (quote globs so the shell leaves them alone)",
+        help="files, datasets folders or glob patterns (quote globs so the shell leaves them alone)",
     )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="Hugging Face tokenizer folder")
     p.add_argument(
@@ -45,7 +48,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         metavar="PREFIX",
         help="output path prefix; files are PREFIX_<json-key>_document.{bin,idx}",
     )
-    p.add_argument("--json-key", default="text", help="key holding the document text (default: text)")
+    p.add_argument(
+        "--json-key", default="text", help="JSON key or Parquet/Arrow column holding the text (default: text)"
+    )
     p.add_argument(
         "--append-eod",
         action="store_true",
@@ -61,8 +66,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--skip-bad-lines",
         action="store_true",
-        help="skip lines that are not JSON, lack the key or hold a non-string, and count them "
-        "(default: stop with an error naming the file and line)",
+        help="skip lines or rows that are not JSON, lack the key (column), hold a null or non-string or "
+        "invalid UTF-8, and count them (default: stop with an error naming the file and line or row)",
     )
     p.add_argument(
         "--no-word-cache",
@@ -98,9 +103,17 @@ def _add_data_info(sub: argparse._SubParsersAction) -> None:
         "data-info",
         help="print statistics and a decoded sample of an indexed dataset",
         description="Print documents, tokens, dtype, the largest token id and a decoded "
-        "sample of PREFIX.{bin,idx}.",
+        "sample of PREFIX.{bin,idx}. Given several prefixes (or --ratio), print each one's tokens and a "
+        "ready-to-paste data.path blend weighted by tokens, or by the --ratio values.",
     )
-    p.add_argument("prefix", help="dataset prefix (path without .bin/.idx)")
+    p.add_argument("prefix", nargs="+", help="dataset prefix(es) (path without .bin/.idx)")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="blend weights, one per prefix (normalised), instead of each prefix's share of the tokens",
+    )
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder used to decode the sample")
     p.add_argument("--sample-index", type=int, default=0, help="which document to decode (default: 0)")
     p.add_argument("--sample-tokens", type=int, default=64, help="how many tokens to decode (default: 64)")
@@ -108,11 +121,14 @@ def _add_data_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_info(args: argparse.Namespace) -> int:
-    from moe_recipes.data.info import data_info
+    from moe_recipes.data.info import blend_report, data_info
 
+    if len(args.prefix) > 1 or args.ratio is not None:
+        print(blend_report(args.prefix, args.ratio))
+        return 0
     print(
         data_info(
-            args.prefix,
+            args.prefix[0],
             tokenizer_dir=args.tokenizer,
             sample_index=args.sample_index,
             sample_tokens=args.sample_tokens,

@@ -42,11 +42,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    format: str = _f("pretrain", "pretrain (indexed .bin/.idx datasets) or chat (JSONL conversations)")
+    format: str = _f(
+        "pretrain", "pretrain (indexed .bin/.idx datasets) or chat (conversations: JSONL, Parquet or Arrow)"
+    )
     path: Any = _f(
         "",
         "one dataset prefix, or a Megatron-style blend [w1, prefix1, w2, prefix2, ...]; "
-        "chat: a JSONL file, a list of files, or [w1, file1, w2, file2, ...]",
+        "chat: a JSONL, Parquet or Arrow file, a list of files, or [w1, file1, w2, file2, ...]",
     )
     split: str = _f(
         "969,30,1", "train,valid,test proportions of the documents (chat: conversations) of every prefix"

@@ -158,3 +158,21 @@ def test_conversation_lengths_match_tokenization_and_are_cached(tmp_path, tokeni
     expected = [len(tokenize_chat(tokenizer, chats[i], 10_000).tokens) for i in range(2)]
     assert lengths.tolist() == expected
     assert len(list((tmp_path / ".index_cache").glob("c.jsonl.lengths-*.npy"))) == 1
+
+
+def test_arrow_stream_chat_file_reads_the_jsonl_conversations(tmp_path):
+    """A `datasets`-style data-*.arrow (IPC stream, several record batches): same conversations as JSONL."""
+    import pyarrow as pa
+
+    demo = tmp_path / "howto.jsonl"  # a copy: the index is written beside the file
+    demo.write_bytes((Path(__file__).resolve().parents[2] / "demo" / "chat" / "howto.jsonl").read_bytes())
+    records = [json.loads(line) for line in demo.read_text().splitlines()]
+    table = pa.Table.from_pylist(records)
+    path = tmp_path / "data-00000-of-00001.arrow"
+    with pa.ipc.new_stream(path, table.schema) as writer:
+        writer.write_table(table, max_chunksize=3)
+    jsonl, arrow = ChatFile(demo), ChatFile(path)
+    assert len(arrow) == len(jsonl) == len(records)
+    assert [arrow[i] for i in reversed(range(len(arrow)))] == [jsonl[i] for i in reversed(range(len(jsonl)))]
+    assert arrow.rows[:, 0].max() == (len(records) - 1) // 3  # (record batch, row in it, row number)
+    assert arrow.line_number(4) == 5

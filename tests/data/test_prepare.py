@@ -366,7 +366,7 @@ def test_slow_tokenizer_path_matches_fast(toks: dict) -> None:
     tok = toks["mixtral"]
     lines = jsonl(corpus_texts("ja", 6) + [""])
     spec = prep._EncodeSpec(None, str(TOKENIZER_DIRS["mixtral"]), "text", 1, 2, "uint16", False)
-    chunk = prep._Chunk("mem", 0, data="\n".join(lines).encode())
+    chunk = prep.Piece("mem", 0, data="\n".join(lines).encode())
     slow = prep._Encoder(spec).process(chunk)
     fast = prep._Encoder(spec, tok).process(chunk)
     assert slow.tokens.tolist() == fast.tokens.tolist() and slow.lengths.tolist() == fast.lengths.tolist()
@@ -455,3 +455,34 @@ def test_word_cache_disagreement_stops_the_run_naming_the_file(tmp_path: Path, m
     with pytest.raises(RuntimeError, match=r"c\.jsonl \(bytes 0-\d+\); please report this.*--no-word-cache"):
         prepare_dataset([str(src)], str(TOKENIZER_DIRS["mixtral"]), str(tmp_path / "out"))
     assert not list(tmp_path.glob("out*"))
+
+
+def test_data_info_blend_by_tokens_and_by_ratio(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    tok_dir = str(TOKENIZER_DIRS["mixtral"])
+    prefixes = []
+    for lang, count in (("ja", 30), ("en", 10)):
+        src = write_lines(tmp_path / f"{lang}.jsonl", jsonl(corpus_texts(lang, count)))
+        prepare_dataset([str(src)], tok_dir, str(tmp_path / lang), append_eod=True)
+        prefixes.append(str(tmp_path / f"{lang}_text_document"))
+    tokens = [IndexedDataset(p).num_tokens for p in prefixes]
+
+    assert main(["data-info", *prefixes]) == 0
+    out = capsys.readouterr().out
+    for prefix, n in zip(prefixes, tokens):
+        assert re.search(rf"^{re.escape(prefix)} +\d+ +{n} .* 1\.00$", out, re.M)
+    blend = yaml.safe_load(re.search(r"YAML: +path: (.*)$", out, re.M).group(1))
+    assert blend[1::2] == prefixes
+    assert blend[0::2] == pytest.approx([n / sum(tokens) for n in tokens], abs=1e-6)
+    assert f'data.path="{re.search(r"path: (.*)$", out, re.M).group(1)}"' in out
+
+    assert main(["data-info", *prefixes, "--ratio", "7", "3"]) == 0
+    out = capsys.readouterr().out
+    blend = yaml.safe_load(re.search(r"YAML: +path: (.*)$", out, re.M).group(1))
+    assert blend == [0.7, prefixes[0], 0.3, prefixes[1]] and "weighted by the given ratios" in out
+    passes = 0.3 / (tokens[1] / sum(tokens))
+    assert re.search(rf"^{re.escape(prefixes[1])} .* {passes:.2f}$", out, re.M)
+
+    assert main(["data-info", *prefixes, "--ratio", "1"]) == 2
+    assert "1 ratios given for 2 prefixes" in capsys.readouterr().err

@@ -86,3 +86,61 @@ def test_index_command(tmp_path, capsys):
     assert main(["index", str(path), "--skip-bad-lines"]) == 0
     assert "16 conversations, index written" in capsys.readouterr().out
     assert (tmp_path / ".index_cache" / "c.jsonl.index.npy").is_file()
+
+
+def _as_parquet(jsonl: Path, row_group_size: int) -> Path:
+    """The same records as Parquet rows (messages, or input + output), beside an unrelated column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    table = pa.Table.from_pylist(records).append_column("source", pa.array(["demo"] * len(records)))
+    path = jsonl.with_suffix(".parquet")
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_chat_gives_the_samples_of_its_jsonl_twin(tmp_path, tiny_mixtral, capsys):
+    """Both chat formats as Parquet with small row groups, packed: `inspect --json` is the JSONL's."""
+    folder = tmp_path / "chat"
+    shutil.copytree(DEMO_CHAT, folder)
+    twins = [_as_parquet(folder / name, row_group_size=5) for name in ("howto.jsonl", "arithmetic.jsonl")]
+    outputs = []
+    for files in ([folder / "howto.jsonl", folder / "arithmetic.jsonl"], twins):
+        run = tmp_path / files[0].suffix.strip(".")
+        run.mkdir()
+        cfg = write_config(run, tiny_mixtral, f"[{files[0]}, {files[1]}]", *CHAT)
+        assert main(["inspect", str(cfg), "--count", "30", "--json"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) > 5
+    index = folder / ".index_cache" / "arithmetic.parquet.index.npy"
+    assert index.is_file()  # row group + row offsets, so a later open reads no row
+
+
+def test_bad_parquet_chat_row_names_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moe_recipes.data.chat import ChatFile
+
+    good = {"role": "assistant", "content": "fine"}
+    rows = [{"input": [{"role": "user", "content": f"q{i}"}], "output": good} for i in range(12)]
+    rows[8]["output"] = {"role": "assistant", "content": None}
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
+    try:
+        ChatFile(path)
+    except ValueError as err:
+        assert f"{path}, row 9: output: content of the assistant message must be a string" in str(err)
+    else:
+        raise AssertionError("no error for a null content")
+    chats = ChatFile(path, skip_bad_lines=True)
+    assert (len(chats), chats.info.bad_lines, chats.line_number(8)) == (11, 1, 10)
+    assert chats[8] == [{"role": "user", "content": "q9"}, good]
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "other.parquet")
+    try:
+        ChatFile(tmp_path / "other.parquet")
+    except ValueError as err:
+        assert "expected a 'messages' column or 'input' and 'output' columns, got text" in str(err)
+    else:
+        raise AssertionError("no error for a file without conversation columns")

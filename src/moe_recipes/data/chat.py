@@ -5,9 +5,14 @@ Two line formats are read, one JSON object per line:
 * `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` (multi-turn, optional system),
 * `{"input": [{"role": ..., "content": ...}, ...], "output": {"role": "assistant", "content": ...}}`.
 
+The same records may come as Parquet or Arrow rows (a `messages` column, or `input` and `output` columns;
+see `data.chat_tables`), detected from the file's first bytes; a row behaves exactly like the same record
+as a JSON line, and errors name the file and row instead of the line.
+
 A file is opened through an offset index (`.index_cache/NAME.index.npy` + `NAME.meta.json` beside it): byte
 ranges and line numbers of the valid lines, built once and memory-mapped, so a file of millions of lines
-opens at once and each conversation is read with one `pread`. The index is rebuilt when the file's size or
+opens at once and each conversation is read with one `pread`. For Parquet/Arrow files the index holds the
+row group (record batch), the row within it and the row number instead. The index is rebuilt when the file's size or
 modification time changes.
 
 Conversations are rendered with the tokenizer's own chat template. The trained spans (labels != -100) are
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from moe_recipes.data.chat_tables import TableRows, is_columnar
 
 IGNORE_INDEX = -100
 INDEX_VERSION = 2  # 2: roles and empty assistant turns are checked
@@ -115,8 +122,31 @@ def _signature(path: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": INDEX_VERSION}
 
 
+def _skip_or_raise(err: ValueError, skip_bad_lines: bool) -> None:
+    if not skip_bad_lines:
+        raise ValueError(f"{err} (use --skip-bad-lines / data.skip_bad_lines to skip)") from None
+
+
+def _scan_table(path: Path, skip_bad_lines: bool) -> tuple[np.ndarray, int, str | None]:
+    """Parquet/Arrow: int64 (n, 3) rows [unit (row group or batch), row in unit, 1-based row] of valid rows."""
+    rows: list[tuple[int, int, int]] = []
+    bad, first_error = 0, None
+    for number, (unit, offset, record) in enumerate(TableRows(path).rows(), start=1):
+        try:
+            parse_conversation(record, f"{path}, row {number}")
+        except ValueError as err:
+            _skip_or_raise(err, skip_bad_lines)
+            bad += 1
+            first_error = first_error or str(err)
+            continue
+        rows.append((unit, offset, number))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3), bad, first_error
+
+
 def _scan(path: Path, skip_bad_lines: bool) -> tuple[np.ndarray, int, str | None]:
     """Byte ranges and line numbers of the valid lines: int64 (n, 3) rows [start, end, line]."""
+    if is_columnar(path):
+        return _scan_table(path, skip_bad_lines)
     rows: list[tuple[int, int, int]] = []
     bad, first_error, offset = 0, None, 0
     with open(path, "rb") as f:
@@ -130,8 +160,7 @@ def _scan(path: Path, skip_bad_lines: bool) -> tuple[np.ndarray, int, str | None
             except (ValueError, UnicodeDecodeError) as err:
                 if isinstance(err, json.JSONDecodeError) or isinstance(err, UnicodeDecodeError):
                     err = ValueError(f"{where}: not valid JSON ({err})")
-                if not skip_bad_lines:
-                    raise ValueError(f"{err} (use --skip-bad-lines / data.skip_bad_lines to skip)") from None
+                _skip_or_raise(err, skip_bad_lines)
                 bad += 1
                 first_error = first_error or str(err)
                 continue
@@ -188,12 +217,14 @@ def build_index(path: str | Path, skip_bad_lines: bool = False, force: bool = Fa
 
 
 class ChatFile:
-    """Random access to the conversations of one JSONL file through its offset index (fork-safe)."""
+    """Random access to the conversations of one JSONL, Parquet or Arrow file through its offset index
+    (fork-safe)."""
 
     def __init__(self, path: str | Path, skip_bad_lines: bool = False):
         self.path = Path(path)
         self.info = build_index(self.path, skip_bad_lines)
         self.rows = np.load(index_paths(self.path)[0], mmap_mode="r")
+        self.table = TableRows(self.path) if is_columnar(self.path) else None
         self._fd: int | None = None
         self._pid = -1
 
@@ -207,6 +238,9 @@ class ChatFile:
         return int(self.rows[i, 2])
 
     def __getitem__(self, i: int) -> list[Message]:
+        if self.table is not None:
+            unit, offset, number = (int(x) for x in self.rows[i])
+            return parse_conversation(self.table.row(unit, offset), f"{self.path}, row {number}")
         if self._fd is None or self._pid != os.getpid():
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         start, end, lineno = (int(x) for x in self.rows[i])

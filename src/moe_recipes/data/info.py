@@ -103,3 +103,50 @@ def data_info(prefix: str, tokenizer_dir: str | None, sample_index: int = 0, sam
         )
         lines += _sample_lines(ds, tokenizer, sample_index, sample_tokens)
     return "\n".join(lines)
+
+
+def blend_weights(tokens: list[int], ratios: list[float] | None = None) -> list[float]:
+    """Weights of a `data.path` blend: each prefix's share of all tokens, or the given ratios normalised.
+
+    Blending draws samples (fixed-length token sequences) in proportion to the weights, so weights by
+    tokens read every prefix once per pass, in the proportions the data has.
+    """
+    if ratios is not None:
+        if len(ratios) != len(tokens):
+            raise ValueError(f"{len(ratios)} ratios given for {len(tokens)} prefixes")
+        if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise ValueError(f"ratios must be >= 0 with a positive sum, got {ratios}")
+        raw = [float(r) for r in ratios]
+    else:
+        if sum(tokens) <= 0:
+            raise ValueError("the datasets hold no tokens: nothing to weight")
+        raw = [float(t) for t in tokens]
+    total = sum(raw)
+    return [round(r / total, 6) for r in raw]
+
+
+def blend_report(prefixes: list[str], ratios: list[float] | None = None) -> str:
+    """Tokens of each prefix and a ready-to-paste `data.path` blend weighted by tokens or by `ratios`.
+
+    With ratios, the last column says how many passes over each prefix one pass over the blend's tokens
+    makes (above 1: that prefix is repeated; below 1: part of it is never read).
+    """
+    datasets = [IndexedDataset(_strip_suffix(p)) for p in prefixes]
+    tokens = [ds.num_tokens for ds in datasets]
+    weights = blend_weights(tokens, ratios)
+    total = sum(tokens)
+    width = max(len(ds.prefix) for ds in datasets)
+    lines = [f"{'prefix':<{width}} {'documents':>10} {'tokens':>14} {'share':>7} {'weight':>8} {'passes':>7}"]
+    for ds, n, w in zip(datasets, tokens, weights):
+        share = n / total if total else 0.0
+        passes = f"{w / share:.2f}" if share else "-"
+        lines.append(f"{ds.prefix:<{width}} {len(ds):>10} {n:>14} {share:>7.2%} {w:>8.4f} {passes:>7}")
+    lines.append(f"{'total':<{width}} {sum(len(ds) for ds in datasets):>10} {total:>14}")
+    pairs = ", ".join(f"{w:g}, {ds.prefix}" for ds, w in zip(datasets, weights))
+    lines += [
+        "",
+        f"data.path weighted by {'the given ratios' if ratios is not None else 'tokens'}:",
+        f"  YAML:     path: [{pairs}]",
+        f'  override: data.path="[{pairs}]"',
+    ]
+    return "\n".join(lines)

@@ -34,12 +34,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser(
         "index",
-        help="write the offset index of chat JSONL files",
-        description="Write (or refresh) the offset index of each chat JSONL file into .index_cache/ beside "
-        "it, so training opens the file at once and reads conversations by seeking. The index is "
-        "rebuilt whenever the file changes; training builds it too when missing.",
+        help="write the offset index of chat JSONL, Parquet or Arrow files",
+        description="Write (or refresh) the offset index of each chat file into .index_cache/ beside "
+        "it, so training opens the file at once and reads conversations by seeking (JSONL: byte offsets; "
+        "Parquet/Arrow: row group or record batch and row). The index is rebuilt whenever the file "
+        "changes; training builds it too when missing.",
     )
-    q.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    q.add_argument("files", nargs="+", metavar="FILE")
     q.add_argument(
         "--skip-bad-lines",
         action="store_true",

@@ -191,7 +191,7 @@ def parse_chat_paths(path: Any) -> tuple[list[str], list[float] | None]:
     """
     items = [path] if isinstance(path, str) else list(path or [])
     if not items:
-        raise ValueError("data.path must name chat JSONL files")
+        raise ValueError("data.path must name chat files (JSONL, Parquet or Arrow)")
 
     def number(x: Any) -> float | None:
         if isinstance(x, bool):

@@ -1,4 +1,4 @@
-"""Tokenize JSONL documents into a Megatron-LM compatible indexed dataset (`moe-recipes prepare`).
+"""Tokenize documents (JSON lines, Parquet, Arrow, `datasets` folders) into a Megatron-LM compatible indexed dataset (`moe-recipes prepare`).
 
 Output: `PREFIX_<json_key>_document.bin` (tokens back to back) and `.idx` (MMIDIDX version 1, see
 `moe_recipes.data.indexed`), one sequence per document, tokens as uint16 when the vocabulary
@@ -16,13 +16,15 @@ Special tokens, the same for every tokenizer:
 So a document is `[bos] + tokenizer.encode(text, add_special_tokens=False) + [eos]`, with the
 brackets present as chosen.
 
-Input: `.jsonl` files, or `.jsonl.gz` (gzip, recognised by the `.gz` suffix), one JSON object per
-line with the text under `json_key`. Globs are expanded here (sorted per pattern); a pattern or path
-that matches nothing is an error. Files are streamed in chunks of whole lines, never read whole.
+Input: files in any format `data.readers` detects (JSON lines plain, gzip or zstd, one object per line
+with the text under `json_key`; Parquet and Arrow with a `json_key` column), and `datasets` folders
+(standing for their Arrow files). Globs are expanded here (sorted per pattern); a pattern or path that
+matches nothing is an error. Files are streamed in pieces, never read whole.
 
-* A line that is not valid JSON (or not UTF-8), is not an object, lacks `json_key`, or whose value is
-  not a string stops the run with ValueError naming the file and 1-based line number; with
-  `skip_bad_lines=True` such lines are skipped and counted (the first few are reported on stderr).
+* A line (row) that is not valid JSON (or not UTF-8), is not an object, lacks `json_key`, or whose value
+  is null or not a string stops the run with ValueError naming the file and 1-based line (row) number;
+  with `skip_bad_lines=True` such records are skipped and counted (the first few are reported on stderr).
+  A corrupt or truncated compressed stream, Parquet or Arrow file always stops the run.
 * Blank (whitespace-only) lines are skipped silently and not counted as bad (trailing newlines and
   blank separators are common in JSONL); they still count for line numbers.
 * Documents that encode to zero tokens (e.g. `""`) are skipped and counted; no BOS/EOS-only sequence
@@ -30,9 +32,10 @@ that matches nothing is an error. Files are streamed in chunks of whole lines, n
 
 Parallelism: `workers` processes. On Linux they are forked and inherit the parent's ready
 tokenizer; elsewhere they are spawned and rebuild it from the fast backend's JSON (importing no
-transformers). Workers read their own chunks: byte ranges of plain files, so no text passes
-through the parent; gzip streams cannot be seeked, so the parent decompresses them and passes raw
-bytes. Each chunk is encoded in one call and returned as numpy arrays: through the exact word cache
+transformers). Workers read their own pieces (`data.readers.Piece`): byte ranges of plain files, runs of
+Parquet row groups or Arrow record batches, so no text passes through the parent; compressed streams
+cannot be seeked, so the parent decompresses them and passes whole lines. Pieces are sized by the
+inputs' decompressed bytes. Each chunk is encoded in one call and returned as numpy arrays: through the exact word cache
 of `data.fast_tokenize` where the tokenizer allows it (the longest document of every chunk is
 re-encoded with the tokenizer's own pipeline as a check), else with the Rust backend's
 `encode_batch_fast`. Every worker -- and the parent when
@@ -50,8 +53,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import gzip
-import json
 import multiprocessing
 import os
 import signal
@@ -68,6 +69,14 @@ import numpy as np
 
 from moe_recipes.data.fast_tokenize import BackendEncoder, BatchEncoder, fast_encoder
 from moe_recipes.data.indexed import token_dtype, write_index
+from moe_recipes.data.readers import (
+    Piece,
+    dataset_folder_files,
+    is_dataset_folder,
+    iter_pieces,
+    read_piece,
+    text_bytes,
+)
 from moe_recipes.data.tokenizer import bos_id, eod_id, load_tokenizer
 from moe_recipes.fileio import RunLock, is_out_of_space, out_of_space_error
 
@@ -85,6 +94,16 @@ MAX_REPORTED_BAD_LINES = 5
 
 
 @dataclass
+class FileStats:
+    """Documents, tokens and skipped records (bad rows or lines, empty documents) of one input file."""
+
+    path: str
+    documents: int = 0
+    tokens: int = 0
+    skipped: int = 0
+
+
+@dataclass
 class PrepareStats:
     """What one `prepare_dataset` run did; `summary()` is what the CLI prints."""
 
@@ -98,6 +117,7 @@ class PrepareStats:
     empty_documents: int = 0
     blank_lines: int = 0
     seconds: float = 0.0
+    files: list[FileStats] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -117,29 +137,18 @@ class PrepareStats:
             ("", self.idx_path),
         ]
         width = max(len(label) for label, _ in rows) + 2
-        return "\n".join((f"{label}:" if label else "").ljust(width) + value for label, value in rows)
+        text = "\n".join((f"{label}:" if label else "").ljust(width) + value for label, value in rows)
+        return text + "\n" + self.files_table()
 
-
-@dataclass(frozen=True)
-class _Chunk:
-    """Whole lines of one input file: a byte range of a plain file, or raw bytes from a gzip file."""
-
-    path: str
-    file_index: int
-    start: int = 0
-    end: int = 0
-    data: bytes | None = None
-
-    def read(self) -> bytes:
-        if self.data is not None:
-            return self.data
-        with open(self.path, "rb") as f:
-            f.seek(self.start)
-            return f.read(self.end - self.start)
+    def files_table(self) -> str:
+        """One line per input file: documents, tokens, skipped records."""
+        head = f"{'documents':>12} {'tokens':>14} {'skipped':>9}  input file"
+        lines = [f"{f.documents:>12} {f.tokens:>14} {f.skipped:>9}  {f.path}" for f in self.files]
+        return "\n".join([head, *lines])
 
 
 @dataclass
-class _ChunkResult:
+class _PieceResult:
     """Tokens of the chunk's documents (concatenated) plus per-line bookkeeping."""
 
     tokens: np.ndarray
@@ -147,7 +156,7 @@ class _ChunkResult:
     lines: int
     blank_lines: int
     empty_documents: int
-    bad: list[tuple[int, str]] = field(default_factory=list)  # (1-based line within chunk, reason)
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (1-based record within the piece, reason)
     bad_count: int = 0
 
 
@@ -172,50 +181,42 @@ def output_prefix_for(output_prefix: str | os.PathLike, json_key: str) -> str:
     return f"{output_prefix}_{json_key}_document"
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Expand files and glob patterns (each pattern's matches sorted; pattern order kept).
+def _is_input(path: Path) -> bool:
+    return path.is_file() or is_dataset_folder(path)
 
-    FileNotFoundError for a pattern that matches no file or a path that does not exist.
+
+def _files_of(path: Path) -> list[Path]:
+    """A file stands for itself; a `datasets` folder for its Arrow files."""
+    return dataset_folder_files(path) if path.is_dir() else [path]
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Expand files, `datasets` folders and glob patterns (each pattern's matches sorted; order kept).
+
+    FileNotFoundError for a pattern that matches nothing or a path that does not exist.
     """
     if not patterns:
         raise ValueError("no input files given")
     files: list[Path] = []
     for pattern in patterns:
         if any(ch in pattern for ch in "*?["):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if _is_input(Path(p)))
             if not matches:
                 raise FileNotFoundError(f"input pattern {pattern!r} matches no file")
-            files.extend(Path(m) for m in matches)
+            for match in matches:
+                files.extend(_files_of(Path(match)))
         else:
             path = Path(pattern)
-            if not path.is_file():
-                raise FileNotFoundError(f"input file not found: {pattern}")
-            files.append(path)
+            if not _is_input(path):
+                what = "is a folder without a datasets state.json" if path.is_dir() else "not found"
+                raise FileNotFoundError(f"input file {what}: {pattern}")
+            files.extend(_files_of(path))
     return files
 
 
 def _chunk_bytes(total_bytes: int, workers: int) -> int:
     target = total_bytes // max(1, workers * CHUNKS_PER_WORKER)
     return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, target)))
-
-
-def _iter_chunks(files: list[Path], chunk_bytes: int) -> Iterator[_Chunk]:
-    """Split inputs into chunks of whole lines, in input order."""
-    for index, path in enumerate(files):
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                while data := f.read(chunk_bytes):
-                    yield _Chunk(str(path), index, data=data + f.readline())
-            continue
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            start = 0
-            while start < size:
-                f.seek(min(size, start + chunk_bytes))
-                f.readline()  # end the chunk at the end of the line the target falls into
-                end = f.tell()
-                yield _Chunk(str(path), index, start=start, end=end)
-                start = end
 
 
 def _fast_backend(tokenizer: Any) -> Any:
@@ -228,16 +229,6 @@ def _fast_backend(tokenizer: Any) -> Any:
         return tokenizer.backend_tokenizer
     except AttributeError:
         return None
-
-
-def _bad_reason(obj: Any, key: str) -> str | None:
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
-    if key not in obj:
-        return f"missing key {key!r}"
-    if not isinstance(obj[key], str):
-        return f"value of {key!r} is {type(obj[key]).__name__}, not a string"
-    return None
 
 
 class _Encoder:
@@ -285,44 +276,19 @@ class _Encoder:
                 f"of {where or 'a batch'}; please report this, and rerun with --no-word-cache"
             )
 
-    def parse(self, data: bytes) -> tuple[list[str], _ChunkResult]:
-        """Texts of the chunk's lines, and a result holding the line bookkeeping."""
-        lines = data.split(b"\n")
-        if lines and not lines[-1]:
-            lines.pop()  # the piece after the final newline
-        result = _ChunkResult(np.zeros(0, self.dtype), np.zeros(0, np.int32), len(lines), 0, 0)
-        texts: list[str] = []
-        key = self.spec.json_key
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                result.blank_lines += 1
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError as err:  # includes UnicodeDecodeError
-                reason: str | None = f"invalid JSON ({err})"
-            else:
-                reason = _bad_reason(obj, key)
-            if reason is None:
-                texts.append(obj[key])
-                continue
-            result.bad_count += 1
-            if len(result.bad) < MAX_REPORTED_BAD_LINES:
-                result.bad.append((number, reason))
-            if not self.spec.skip_bad_lines:
-                break
-        return texts, result
-
-    def process(self, chunk: _Chunk) -> _ChunkResult:
-        texts, result = self.parse(chunk.read())
+    def process(self, chunk: Piece) -> _PieceResult:
+        texts, records = read_piece(chunk, self.spec.json_key, stop_at_bad=not self.spec.skip_bad_lines)
+        result = _PieceResult(
+            np.zeros(0, self.dtype), np.zeros(0, np.int32), records.records, records.blank_lines, 0,
+            records.bad, records.bad_count,
+        )  # fmt: skip
         if result.bad_count and not self.spec.skip_bad_lines:
             return result  # the parent raises; no point tokenizing
         bos, eos = self.spec.bos, self.spec.eos
         extra = (bos is not None) + (eos is not None)
         flat: list[int] = []
         lengths: list[int] = []
-        where = chunk.path if chunk.data is not None else f"{chunk.path} (bytes {chunk.start}-{chunk.end})"
-        for ids in self.encode(texts, where):
+        for ids in self.encode(texts, chunk.describe()):
             if not ids:
                 result.empty_documents += 1
                 continue
@@ -350,16 +316,19 @@ def _init_worker(spec: _EncodeSpec) -> None:
     """Pool initializer: one-thread tokenizer; Ctrl-C is left to the parent, which stops the pool.
 
     SIGTERM gets its default action back (a forked worker inherits the parent's handler), so that
-    `Pool.terminate()` ends workers quietly.
+    `Pool.terminate()` ends workers quietly. The pool is started with SIGTERM blocked (`_pool`): a
+    terminate that comes before this point stays pending and kills the worker once unblocked here, instead
+    of being lost in the fork and leaving a worker that the pool waits for forever.
     """
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _single_threaded_env()
     _WORKER = _PARENT_ENCODER if _PARENT_ENCODER is not None else _Encoder(spec)
 
 
-def _process_in_worker(chunk: _Chunk) -> _ChunkResult:
+def _process_in_worker(chunk: Piece) -> _PieceResult:
     assert _WORKER is not None, "worker not initialised"
     return _WORKER.process(chunk)
 
@@ -378,9 +347,20 @@ def _one_thread_in_parent() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
+def _pool(workers: int, spec: _EncodeSpec) -> Any:
+    """A pool whose workers start with SIGTERM blocked, until `_init_worker` restores its default action."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return multiprocessing.get_context(START_METHOD).Pool(
+            workers, initializer=_init_worker, initargs=(spec,)
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _results(
-    chunks: Iterator[_Chunk], spec: _EncodeSpec, workers: int, tokenizer: Any
-) -> Iterator[tuple[_Chunk, _ChunkResult]]:
+    chunks: Iterator[Piece], spec: _EncodeSpec, workers: int, tokenizer: Any
+) -> Iterator[tuple[Piece, _PieceResult]]:
     """(chunk, result) in input order; at most IN_FLIGHT_PER_WORKER chunks per worker are pending."""
     global _PARENT_ENCODER
     encoder = _Encoder(spec, tokenizer)
@@ -393,9 +373,9 @@ def _results(
         _PARENT_ENCODER = encoder
     elif encoder.backend is not None:
         spec = dataclasses.replace(spec, tokenizer_json=encoder.backend.to_str())
-    pool = multiprocessing.get_context(START_METHOD).Pool(workers, initializer=_init_worker, initargs=(spec,))
+    pool = _pool(workers, spec)
     try:
-        pending: deque[tuple[_Chunk, Any]] = deque()
+        pending: deque[tuple[Piece, Any]] = deque()
         for chunk in chunks:
             pending.append((chunk, pool.apply_async(_process_in_worker, (chunk,))))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
@@ -527,8 +507,10 @@ def prepare_dataset(
     )
     prefix = output_prefix_for(output_prefix, json_key)
     stats = PrepareStats([str(f) for f in files], f"{prefix}.bin", f"{prefix}.idx", spec.dtype)
+    stats.files = [FileStats(str(f)) for f in files]
     input_bytes = sum(f.stat().st_size for f in files)
-    chunks = _iter_chunks(files, _chunk_bytes(input_bytes, workers))
+    text_total = sum(text_bytes(f) for f in files)  # decompressed: pieces as large for every format
+    chunks = iter_pieces(files, _chunk_bytes(text_total, workers))
     # A second prepare of the same prefix is refused: two could rename a .bin and an .idx of different runs.
     lock = RunLock(Path(f"{prefix}.lock"), f"output prefix {prefix}")
     # Exit order matters: stop the workers, then remove temporary files, then restore SIGTERM.
@@ -538,13 +520,13 @@ def prepare_dataset(
             _AtomicOutput(prefix) as out,
             contextlib.closing(_results(chunks, spec, workers, tokenizer)) as results,
         ):
-            lengths = _write_all(results, out, stats, skip_bad_lines, start)
+            lengths = _write_all(results, out, stats, skip_bad_lines, start, input_bytes)
             out.commit(np.dtype(spec.dtype), lengths)
     except OSError as err:
         if not is_out_of_space(err):
             raise
-        # About 3 bytes of JSONL text per token, the token file dominates.
-        needed = input_bytes // 3 * np.dtype(spec.dtype).itemsize
+        # About 3 bytes of text per token, the token file dominates.
+        needed = text_total // 3 * np.dtype(spec.dtype).itemsize
         raise out_of_space_error(err, Path(f"{prefix}.bin"), needed) from err
     finally:
         lock.release()
@@ -553,36 +535,53 @@ def prepare_dataset(
 
 
 def _write_all(
-    results: Iterator[tuple[_Chunk, _ChunkResult]],
+    results: Iterator[tuple[Piece, _PieceResult]],
     out: _AtomicOutput,
     stats: PrepareStats,
     skip_bad_lines: bool,
     start: float,
+    input_bytes: int,
 ) -> np.ndarray:
-    """Write each chunk's tokens in order, raise on bad lines (unless skipped); return all lengths."""
+    """Write each piece's tokens in order, raise on bad records (unless skipped); return all lengths.
+
+    The progress bar counts input bytes (compressed bytes for compressed files), so its ETA holds for
+    any mix of formats.
+    """
     from tqdm import tqdm
 
     lengths: list[np.ndarray] = []
     lines_before, current_file, reported = 0, -1, 0
-    with tqdm(desc="prepare", unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+    bar = tqdm(desc="prepare", total=input_bytes, unit="B", unit_scale=True, file=sys.stderr,
+               dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+    with bar:
         for chunk, result in results:
             if chunk.file_index != current_file:
                 lines_before, current_file = 0, chunk.file_index
+            # JSON lines count lines across a file's pieces; columnar pieces know their first row
+            base, unit = (lines_before, "line") if chunk.kind == "lines" else (chunk.first_row, "row")
             for number, reason in result.bad:
-                where = f"{chunk.path}, line {lines_before + number}"
+                where = f"{chunk.path}, {unit} {base + number}"
                 if not skip_bad_lines:
-                    raise ValueError(f"{where}: {reason} (use --skip-bad-lines to skip such lines)")
+                    raise ValueError(f"{where}: {reason} (use --skip-bad-lines to skip such {unit}s)")
                 if reported < MAX_REPORTED_BAD_LINES:
                     bar.write(f"skipping {where}: {reason}", file=sys.stderr)
                     reported += 1
             lines_before += result.lines
             out.write(result.tokens)
             lengths.append(result.lengths)
-            stats.documents += len(result.lengths)
-            stats.tokens += len(result.tokens)
-            stats.bad_lines += result.bad_count
-            stats.empty_documents += result.empty_documents
-            stats.blank_lines += result.blank_lines
-            bar.update(len(result.lengths))
+            _count(stats, chunk.file_index, result)
+            bar.update(chunk.size)
             bar.set_postfix_str(f"{stats.tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
     return np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+
+
+def _count(stats: PrepareStats, file_index: int, result: _PieceResult) -> None:
+    stats.documents += len(result.lengths)
+    stats.tokens += len(result.tokens)
+    stats.bad_lines += result.bad_count
+    stats.empty_documents += result.empty_documents
+    stats.blank_lines += result.blank_lines
+    per_file = stats.files[file_index]
+    per_file.documents += len(result.lengths)
+    per_file.tokens += len(result.tokens)
+    per_file.skipped += result.bad_count + result.empty_documents

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_recipes.cli import main
+from moe_recipes.convert.sources import state_dict_source
 from moe_recipes.hf_folder import INDEX_FILE, layout_of
 from moe_recipes.models.init import init_model
 from moe_recipes.models.inspect import inspect_model
@@ -185,3 +186,9 @@ def test_cli_writes_a_folder_that_trains(dense_dir, tmp_path, tiny_dataset):
     records = list(step_records(tmp_path / "run").values())
     assert [r["step"] for r in records] == [1, 2]
     assert all(len(r["expert_share"]) == 2 for r in records)
+
+
+def test_dense_reader_that_reopens_reads_the_same_tensors(dense_dir):
+    kept, reopened = state_dict_source(dense_dir), state_dict_source(dense_dir, reopen=True)
+    assert kept.keys() == reopened.keys()
+    assert all(torch.equal(kept.get(k), reopened.get(k)) for k in kept.keys())  # noqa: SIM118

@@ -256,7 +256,7 @@ def upcycle(
     max_bytes = parse_size(max_shard_size)
     dense_config = AutoConfig.from_pretrained(str(src))
     config = moe_config(dense_config, arch, experts, top_k)
-    dense = state_dict_source(src)
+    dense = state_dict_source(src, reopen=True)  # each dense tensor is read once
     with torch.device("meta"):
         if inspect_model(AutoModelForCausalLM.from_config(dense_config)).is_moe:
             raise ValueError(f"upcycle: {src} is already an MoE model")

@@ -140,6 +140,8 @@ def test_folder_is_the_released_layout_whatever_the_shard_size(dense_dir, drop_r
     assert written.keys() == reference.keys()
     for key, value in reference.items():
         assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+    config = json.loads((one / "config.json").read_text())
+    assert config == json.loads((saved / "config.json").read_text())  # architectures, dtype, ... as saved
 
 
 def test_bf16_dense_gives_bf16_shards(tmp_path):

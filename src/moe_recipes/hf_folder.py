@@ -234,6 +234,11 @@ def write_config_files(src_dir: Path, out_dir: Path, config: Any, dtype: torch.d
             data[key] = CONFIG_DTYPE_NAMES[dtype]
         raw = json.dumps(data, indent=2, sort_keys=True) + "\n"
     (out_dir / "config.json").write_text(raw)
+    copy_side_files(src_dir, out_dir, config)
+
+
+def copy_side_files(src_dir: Path, out_dir: Path, config: Any) -> None:
+    """The generation config (copied, or derived from `config`) and the tokenizer files of `src_dir`."""
     if (src_dir / "generation_config.json").is_file():
         shutil.copy2(src_dir / "generation_config.json", out_dir / "generation_config.json")
     else:

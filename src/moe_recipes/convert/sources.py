@@ -240,10 +240,15 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 class _LazyFile:
-    """One safetensors or torch state-dict file, opened on first use."""
+    """One safetensors or torch state-dict file, opened on first use.
 
-    def __init__(self, path: Path):
+    With `reopen`, each safetensors tensor is read through a memory map of its own, closed once the tensor is
+    copied out: the pages a kept map has touched count as resident memory until it is closed, so a kept map
+    grows the resident set to the whole file when every tensor is read once."""
+
+    def __init__(self, path: Path, reopen: bool = False):
         self.path = path
+        self.reopen = reopen and path.suffix == ".safetensors"
         self._handle: Any = None
 
     def handle(self) -> Any:
@@ -271,6 +276,11 @@ class _LazyFile:
         )
 
     def get(self, key: str) -> torch.Tensor:
+        if self.reopen:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as h:
+                return h.get_tensor(key)
         h = self.handle()
         return h.get_tensor(key) if self.path.suffix == ".safetensors" else h[key]
 
@@ -292,27 +302,30 @@ class FileSource(TensorSource):
         return self._files[key].get(key)
 
 
-def _index_source(index: Path) -> FileSource:
+def _index_source(index: Path, reopen: bool = False) -> FileSource:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{index} is not a valid index file ({type(err).__name__}: {err})") from None
-    files = {name: _LazyFile(index.parent / name) for name in sorted(set(weight_map.values()))}
+    files = {name: _LazyFile(index.parent / name, reopen) for name in sorted(set(weight_map.values()))}
     missing = [name for name, f in files.items() if not f.path.is_file()]
     if missing:
         raise FileNotFoundError(f"{index} lists shards that do not exist: {', '.join(missing)}")
     return FileSource(str(index.parent), {key: files[name] for key, name in weight_map.items()})
 
 
-def state_dict_source(path: str | Path) -> FileSource:
-    """A state-dict file (.safetensors, .bin, .pt, .pth) or a folder holding one (sharded with an index or not)."""
+def state_dict_source(path: str | Path, reopen: bool = False) -> FileSource:
+    """A state-dict file (.safetensors, .bin, .pt, .pth) or a folder holding one (sharded with an index or not).
+
+    `reopen`: map a safetensors file anew for each tensor read (see `_LazyFile`), for readers that read every
+    tensor once and want the resident set to stay near the tensors they hold."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"state dict {p} does not exist")
     if p.is_dir():
         for name in STATE_DICT_INDEXES:
             if (p / name).is_file():
-                return _index_source(p / name)
+                return _index_source(p / name, reopen)
         for name in STATE_DICT_FILES:
             if (p / name).is_file():
                 p = p / name
@@ -321,7 +334,7 @@ def state_dict_source(path: str | Path) -> FileSource:
             raise FileNotFoundError(
                 f"{p} holds no state dict (looked for {', '.join(STATE_DICT_INDEXES + STATE_DICT_FILES)})"
             )
-    lazy = _LazyFile(p)
+    lazy = _LazyFile(p, reopen)
     return FileSource(str(p), dict.fromkeys(lazy.keys(), lazy))
 
 

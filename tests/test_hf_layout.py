@@ -207,3 +207,41 @@ def test_folders_in_the_old_fused_layout_load_and_convert_to_the_released_one(tm
         assert_released_layout(out, released)
         got = _tensors(out)
         assert all(torch.equal(got[k], want[k]) for k in want), source.name
+
+
+def test_write_shard_streams_a_file_safetensors_reads(tmp_path):
+    """The streaming shard writer: mixed dtypes (aligned, widest first), released names, the same values
+    through safetensors' own reader as through save_file."""
+    from safetensors.torch import save_file
+
+    from moe_recipes.hf_folder import TensorSpec, write_shard
+
+    model = _tiny("deepseek_v3", tmp_path)
+    layout = model_layout(model.config, torch.bfloat16)
+    state = model.state_dict()
+    specs = [s for s in layout.specs if ".layers.1." in s.name]  # experts, fp32 router and bias, bf16 rest
+    assert {s.dtype for s in specs} == {torch.float32, torch.bfloat16}
+    extra = TensorSpec("counts", (3,), torch.int64)  # an integer tensor among them
+    layout.released.pieces["counts"] = released_layout(model, [("counts", (3,))]).pieces["counts"]
+    values = {**{s.name: state[s.name].to(s.dtype) for s in specs}, "counts": torch.tensor([1, 2, 3])}
+    produced = []
+
+    def produce(spec: TensorSpec) -> dict[str, torch.Tensor]:
+        produced.append(spec.name)
+        return {k: v.contiguous() for k, v in layout.released.split(spec.name, values[spec.name]).items()}
+
+    write_shard(tmp_path / "streamed.safetensors", layout, [*specs, extra], produce)
+    assert sorted(produced) == sorted(s.name for s in [*specs, extra])  # each tensor produced once
+    expected = {}
+    for spec in [*specs, extra]:
+        expected |= produce(spec)
+    save_file(expected, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    with safe_open(str(tmp_path / "streamed.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        got = {k: f.get_tensor(k) for k in f.keys()}
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+    assert (tmp_path / "streamed.safetensors").stat().st_size == (
+        tmp_path / "reference.safetensors"
+    ).stat().st_size

@@ -183,10 +183,70 @@ def file_tensors(
     return {name: t.to(device="cpu", dtype=spec.dtype, copy=True).contiguous() for name, t in pieces.items()}
 
 
-def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+
+def shard_order(layout: ModelLayout, shard: list[TensorSpec]) -> list[TensorSpec]:
+    """The order a shard's tensors are written in: widest dtype first, so every tensor's bytes start at a
+    multiple of its element size (as safetensors' own writer keeps them), otherwise model order."""
+    return sorted(shard, key=lambda spec: -spec.dtype.itemsize)
+
+
+def write_shard(
+    path: Path,
+    layout: ModelLayout,
+    shard: list[TensorSpec],
+    produce: Callable[[TensorSpec], dict[str, torch.Tensor]],
+) -> None:
+    """Write one safetensors file tensor by tensor: memory holds one in-memory tensor's file tensors, not
+    the shard (whatever --max-shard-size is).
+
+    The header is known before any value (names, dtypes and shapes come from the layout), so it is written
+    first and each tensor's bytes follow in `shard_order`; `produce(spec)` gives the spec's file tensors.
+    The file is what `safetensors.torch.save_file` writes for the same tensors, up to the order of the data.
+    """
+    order = shard_order(layout, shard)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in order:
+        for f in layout.released.pieces[spec.name]:
+            size = f.numel * spec.dtype.itemsize
+            header[f.name] = {
+                "dtype": _SAFETENSORS_DTYPES[spec.dtype],
+                "shape": list(f.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for spec in order:
+            tensors = produce(spec)
+            for f in layout.released.pieces[spec.name]:
+                t = tensors[f.name]
+                if t.dtype != spec.dtype or tuple(t.shape) != f.shape:
+                    raise ValueError(
+                        f"{f.name}: got {t.dtype} {tuple(t.shape)}, expected {spec.dtype} {f.shape}"
+                    )
+                out.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+            del tensors
+        if out.tell() != 8 + len(raw) + offset:
+            raise AssertionError(
+                f"{path}: wrote {out.tell()} bytes, the header describes {8 + len(raw) + offset}"
+            )
 
 
 def write_index(out_dir: Path, layout: ModelLayout, shards: list[list[TensorSpec]]) -> None:
@@ -210,18 +270,16 @@ def write_weights(
     where: str,
     progress: bool = False,
 ) -> None:
-    """Write all shards, materialising one shard at a time: memory stays near one shard's size.
+    """Write all shards, one in-memory tensor at a time (`write_shard`): memory stays near the largest
+    tensor's size, whatever the shard size.
 
     Shards are planned by in-memory tensor, so the file tensors of one in-memory tensor share a shard."""
     from tqdm import tqdm
 
     shards = plan_shards(layout.specs, max_bytes)
     for i, shard in enumerate(tqdm(shards, desc="writing shards", unit="shard", disable=not progress)):
-        tensors: dict[str, torch.Tensor] = {}
-        for spec in shard:
-            tensors |= file_tensors(layout, spec, fetch(spec), where)
-        save_shard(out_dir / shard_name(i, len(shards)), tensors)
-        del tensors
+        path = out_dir / shard_name(i, len(shards))
+        write_shard(path, layout, shard, lambda spec: file_tensors(layout, spec, fetch(spec), where))
     write_index(out_dir, layout, shards)
 
 

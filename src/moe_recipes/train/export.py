@@ -29,11 +29,12 @@ from moe_recipes.hf_folder import (
     parse_size,
     plan_shards,
     publish,
-    save_shard,
     shard_name,
+    shard_order,
     staging_dir,
     write_config_files,
     write_index,
+    write_shard,
 )
 
 
@@ -100,14 +101,19 @@ def export_hf(
     writer = _rank() == 0
     shards = plan_shards(layout.specs, parse_size(max_shard_size))
     tmp = staging_dir(out_dir) if writer else None
+
+    def produce(spec: TensorSpec) -> dict[str, torch.Tensor]:
+        return _file_tensors(layout, state[spec.name], spec, writer)
+
     try:
         for i, shard in enumerate(shards):
-            tensors: dict[str, torch.Tensor] = {}
-            for spec in shard:
-                tensors |= _file_tensors(layout, state[spec.name], spec, writer)
-            if tmp is not None:
-                save_shard(tmp / shard_name(i, len(shards)), tensors)  # type: ignore[arg-type]
-            del tensors
+            if (
+                tmp is not None
+            ):  # rank 0 writes tensor by tensor; the others join each gather in the same order
+                write_shard(tmp / shard_name(i, len(shards)), layout, shard, produce)
+            else:
+                for spec in shard_order(layout, shard):
+                    produce(spec)
         if tmp is not None:
             write_index(tmp, layout, shards)
             write_config_files(model_dir, tmp, load_hf_config(model_dir), dtype)

@@ -46,6 +46,7 @@ from moe_recipes.train.metrics import (
     device_peak_tflops,
     expert_load_summary,
     peak_memory_gb,
+    peak_rss_bytes,
 )
 from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective, loss_chunk_tokens
 from moe_recipes.train.plan_report import warn_if_over_memory
@@ -99,6 +100,7 @@ def setup(cfg: Config) -> Run:
 
 
 def _setup(cfg: Config) -> Run:
+    started = time.perf_counter()
     checks = preflight(cfg)  # paths, data, vocabulary, resume: before anything that takes time
     d = cfg.distributed
     use_ds = d.engine == "deepspeed"
@@ -200,6 +202,16 @@ def _setup(cfg: Config) -> Run:
             f"aux coef {aux_coef}, z coef {cfg.moe.z_loss_coef}; "
             f"trainable parameters {params.trainable:,} of {params.total:,}; "
             f"precision {precision}, gradients reduced in {reduce}"
+        )
+        loaded = (
+            "built on meta, each rank read only its shards"
+            if sharded_start
+            else "whole model loaded on every rank, then "
+            + ("partitioned" if use_ds and d.zero_stage == 3 else "replicated" if use_ds else "sharded")
+        )
+        run.print(
+            f"[moe-recipes] start-up {time.perf_counter() - started:.1f} s ({loaded}); "
+            f"peak host memory on rank 0 {peak_rss_bytes() / 2**30:.2f} GiB"
         )
     _maybe_resume(run, checks.resume_from)
     return run

@@ -44,6 +44,12 @@ def dense_dir(request, tmp_path_factory) -> str:
     return _dense(tmp_path_factory.mktemp("dense") / request.param, request.param)
 
 
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+    """The dense Llama alone, for tests where one family is enough."""
+    return _dense(tmp_path_factory.mktemp("dense") / "llama", "llama")
+
+
 def _upcycled(dense_dir: str, out: Path, arch: str, **kw) -> torch.nn.Module:
     upcycle(dense_dir, arch, 4, 2, str(out), **kw)
     return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
@@ -86,10 +92,9 @@ def test_qwen3_moe_needs_query_key_norms(dense_dir, tmp_path):
         upcycle(dense_dir, "qwen3_moe", 4, 2, str(tmp_path / "moe"))
 
 
-def test_drop_upcycling_redraws_a_share_of_neurons_per_expert(dense_dir, tmp_path):
+def test_drop_upcycling_redraws_a_share_of_neurons_per_expert(llama_dir, tmp_path):
+    dense_dir = llama_dir
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    if dense.config.model_type != "llama":
-        pytest.skip("one family is enough")
     moe = _upcycled(dense_dir, tmp_path / "a", "mixtral", drop_ratio=0.25, seed=3)
     mlp = dense.model.layers[0].mlp
     experts = moe.model.layers[0].mlp.experts
@@ -167,9 +172,8 @@ def test_bf16_dense_gives_bf16_shards(tmp_path):
     torch.testing.assert_close(_logits(moe), _logits(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_cli_writes_a_folder_that_trains(dense_dir, tmp_path, tiny_dataset):
-    if "llama" not in dense_dir:
-        pytest.skip("one family is enough")
+def test_cli_writes_a_folder_that_trains(llama_dir, tmp_path, tiny_dataset):
+    dense_dir = llama_dir
     out = tmp_path / "moe"
     rc = main(
         ["upcycle", "--dense", dense_dir, "--arch", "mixtral", "--experts", "4", "--top-k", "2"]

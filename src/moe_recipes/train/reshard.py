@@ -274,7 +274,7 @@ def load_resharded(engine: Any, folder: Path) -> int:
     ep_rank = dist.get_rank() % ep if dist.is_initialized() else 0
     opt = engine.optimizer
     base = opt.optimizer if stage > 0 else opt
-    _init_adam_state(base, step)
+    _init_adam_state(base, _stepped_tensors(opt, stage), step)
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
@@ -304,16 +304,25 @@ def load_resharded(engine: Any, folder: Path) -> int:
     return step
 
 
-def _init_adam_state(optimizer: torch.optim.Optimizer, step: int) -> None:
-    """AdamW's state for every parameter the optimizer steps (zero moments at `step`), as torch creates it
-    lazily at the first step; the moments are then filled in place."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p] = {
-                "step": torch.tensor(float(step), dtype=torch.float32, device=p.device),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-            }
+def _stepped_tensors(opt: Any, stage: int) -> list[torch.Tensor]:
+    """The tensors AdamW steps: the parameters at stage 0, the fp32 flat partitions at stages 1-3 (ZeRO-3
+    puts each into its param group only while stepping it)."""
+    if stage == 0:
+        return [p for group in opt.param_groups for p in group["params"]]
+    if stage == 3:
+        return list(opt.fp32_partitioned_groups_flat)
+    return list(opt.single_partition_of_fp32_groups)
+
+
+def _init_adam_state(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor], step: int) -> None:
+    """AdamW's state for `tensors` (zero moments at `step`), as torch creates it lazily at the first step;
+    the moments are then filled in place."""
+    for p in tensors:
+        optimizer.state[p] = {
+            "step": torch.tensor(float(step), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
 
 
 def _set_zero12(opt: Any, p: torch.Tensor, values: dict[str, torch.Tensor]) -> None:

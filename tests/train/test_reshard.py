@@ -48,7 +48,9 @@ def _launch(work: Path, model: str, data: str, world: int, stage: int, ep: int, 
         f"distributed.expert_parallel_size={ep}",
         *extra,
     )
-    return run_cli_distributed(["train", str(config)], world_size=world, launcher="torchrun", timeout=600).stdout
+    return run_cli_distributed(
+        ["train", str(config)], world_size=world, launcher="torchrun", timeout=600
+    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +94,17 @@ def _resume_and_compare(uninterrupted, tmp_path, model, data, written, resumed) 
             assert after[step][key] == pytest.approx(whole[step][key], rel=1e-4), (step, key)
     print(f"\n[reshard] {written} -> {resumed}: worst relative difference {worst:.3g}; so far {_worst}")
     # the converted copy was removed once the run's next checkpoint (step 6) was complete
-    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000003", "iter_0000006"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == [
+        "iter_0000003",
+        "iter_0000006",
+    ]
     return out
 
 
 @pytest.mark.distributed
-def test_zero2_ep2_on_two_processes_resumes_on_one_without_ep(uninterrupted, tmp_path, tiny_mixtral, tiny_dataset):
+def test_zero2_ep2_on_two_processes_resumes_on_one_without_ep(
+    uninterrupted, tmp_path, tiny_mixtral, tiny_dataset
+):
     out = _resume_and_compare(uninterrupted, tmp_path, tiny_mixtral, tiny_dataset, (2, 2, 2), (1, 2, 1))
     assert (
         "checkpoint written by 2 processes, ZeRO-2, EP 2; resumed on 1 process, ZeRO-2: converted to "
@@ -141,7 +148,9 @@ def test_interrupted_conversion_is_never_taken_for_complete(uninterrupted, tmp_p
     )
     for point in ("reshard_partial", "reshard_before_rename"):
         env = {**_child_environ(), "MOE_RECIPES_FAULT": f"point={point}"}
-        proc = subprocess.run([sys.executable, "-c", code, str(ckpt)], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(ckpt)], env=env, capture_output=True, text=True
+        )
         assert proc.returncode == -9, proc.stderr[-2000:]
         assert tmp.is_dir() and not out.exists(), point
     assert clean_leftovers(tmp_path / "ckpt") == ["iter_0000003.resharded.tmp"]
@@ -178,7 +187,9 @@ def test_preflight_allows_another_ep_size_but_not_from_zero0(tmp_path, tiny_mixt
     cfg = make_config(tmp_path, tiny_mixtral, "unused", "distributed.zero_stage=2")
     check_resume_compatible(cfg, ckpt)  # resharded on resume
     (ckpt / "run_state.json").write_text(json.dumps({**state, "zero_stage": 0}))
-    with pytest.raises(ValueError, match=r"written with ZeRO stage 0 \(2 processes, ZeRO-0, EP 2\).*not supported"):
+    with pytest.raises(
+        ValueError, match=r"written with ZeRO stage 0 \(2 processes, ZeRO-0, EP 2\).*not supported"
+    ):
         check_resume_compatible(cfg, ckpt)
 
 
@@ -188,7 +199,11 @@ def test_a_checkpoint_outside_the_save_folder_keeps_its_copy(tmp_path):
     from moe_recipes.train.checkpoint import remove_resharded
 
     save, other = tmp_path / "save", tmp_path / "other"
-    for folder in (save / "iter_0000003.resharded", other / "iter_0000003.resharded", save / "notes.resharded"):
+    for folder in (
+        save / "iter_0000003.resharded",
+        other / "iter_0000003.resharded",
+        save / "notes.resharded",
+    ):
         folder.mkdir(parents=True)
         (folder / "resharded.json").write_text("{}")
     remove_resharded(save)

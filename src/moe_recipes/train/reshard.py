@@ -114,7 +114,9 @@ def _zero12_tensors(ckpt: Path, world: int, ep: int) -> Iterator[tuple[str, dict
         for name, shape in group_shapes.items():
             out: dict[str, torch.Tensor] = {}
             for key in KEYS:
-                slices = [_gather_fragments(optim, ranks, g, name, key).reshape(shape) for ranks in rank_lists]
+                slices = [
+                    _gather_fragments(optim, ranks, g, name, key).reshape(shape) for ranks in rank_lists
+                ]
                 out[key] = torch.cat(slices) if len(slices) > 1 else slices[0]
             yield name, out
 
@@ -151,14 +153,19 @@ def _zero3_tensors(ckpt: Path, world: int) -> Iterator[tuple[str, dict[str, torc
     for name, shape in ((n, s) for group in shapes for n, s in group.items()):
         numel = shape.numel()
         part = -(-numel // world)
-        yield name, {
-            key: torch.cat([f.narrow(0, offset, part) for f in flats[key]])[:numel].reshape(shape)
-            for key in KEYS
-        }
+        yield (
+            name,
+            {
+                key: torch.cat([f.narrow(0, offset, part) for f in flats[key]])[:numel].reshape(shape)
+                for key in KEYS
+            },
+        )
         offset += part
     if offset != flats["fp32"][0].numel():
-        raise ValueError(f"{ckpt}: the ZeRO-3 partitions hold {flats['fp32'][0].numel()} elements per rank, "
-                         f"the parameters account for {offset}")
+        raise ValueError(
+            f"{ckpt}: the ZeRO-3 partitions hold {flats['fp32'][0].numel()} elements per rank, "
+            f"the parameters account for {offset}"
+        )
 
 
 def _step(ckpt: Path, world: int, stage: int) -> int:
@@ -189,7 +196,9 @@ def is_complete(folder: Path) -> bool:
         files = json.loads(meta.read_text())["files"]
     except (json.JSONDecodeError, KeyError):
         return False
-    return all((folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items())
+    return all(
+        (folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items()
+    )
 
 
 def convert(ckpt: Path, run_state: dict[str, Any]) -> tuple[Path, float, bool]:
@@ -344,7 +353,9 @@ def _set_zero3(opt: Any, p: torch.Tensor, values: dict[str, torch.Tensor]) -> No
     group_idx, offset, numel = opt.grad_position[opt.get_param_id(p)]
     rank = opt._get_param_partition_rank(p)
     if values["fp32"].numel() != p.ds_numel:
-        raise ValueError(f"a parameter has {values['fp32'].numel()} elements in the checkpoint, {p.ds_numel} here")
+        raise ValueError(
+            f"a parameter has {values['fp32'].numel()} elements in the checkpoint, {p.ds_numel} here"
+        )
     fp32 = opt.fp32_partitioned_groups_flat[group_idx]
     targets = {"fp32": fp32, **{k: opt.optimizer.state[fp32][k] for k in MOMENTS}}
     for key, target in targets.items():

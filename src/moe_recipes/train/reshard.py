@@ -168,6 +168,20 @@ def _zero3_tensors(ckpt: Path, world: int) -> Iterator[tuple[str, dict[str, torc
         )
 
 
+def _check_files(ckpt: Path, world: int, stage: int) -> None:
+    """The DeepSpeed files this module reads are there (DeepSpeed's bf16 optimizer, which a
+    distributed.deepspeed_config can turn on, writes others: `bf16_zero_pp_rank_...`)."""
+    names = [_ZERO_OPTIM.format(rank=r) for r in range(world)]
+    names += [_ZERO_MODEL.format(rank=0)] if stage == 3 else [MODEL_STATES]
+    for name in names:
+        if not (ckpt / name).is_file():
+            raise ValueError(
+                f"{ckpt} has no {name}: resharding reads the ZeRO files of DeepSpeed's fp32 optimizer "
+                "(this project's default); resume it with the processes, ZeRO stage and EP size it was "
+                "written with"
+            )
+
+
 def _step(ckpt: Path, world: int, stage: int) -> int:
     """AdamW's step count (the same for every parameter group)."""
     osd = _load(ckpt / _ZERO_OPTIM.format(rank=0))["optimizer_state_dict"]
@@ -211,6 +225,7 @@ def convert(ckpt: Path, run_state: dict[str, Any]) -> tuple[Path, float, bool]:
         return out, time.perf_counter() - t0, True
     check_reshardable(ckpt, run_state)
     world, stage, ep = layout_of(run_state)
+    _check_files(ckpt, world, stage)
     tmp = out.with_name(out.name + ".tmp")
     for stale in (tmp, out):  # `out` without a complete resharded.json: never finished
         if stale.exists():
@@ -282,6 +297,13 @@ def load_resharded(engine: Any, folder: Path) -> int:
     ep = getattr(engine, "expert_parallel_size", 1)
     ep_rank = dist.get_rank() % ep if dist.is_initialized() else 0
     opt = engine.optimizer
+    expected = {1: "single_partition_of_fp32_groups", 2: "single_partition_of_fp32_groups"}
+    expected[3] = "fp32_partitioned_groups_flat"
+    if stage in expected and not hasattr(opt, expected[stage]):
+        raise ValueError(
+            f"resharding loads into DeepSpeed's ZeRO-{stage} fp32 optimizer, not {type(opt).__name__} "
+            "(set by distributed.deepspeed_config?)"
+        )
     base = opt.optimizer if stage > 0 else opt
     _init_adam_state(base, _stepped_tensors(opt, stage), step)
     for name, p in engine.module.named_parameters():

@@ -16,6 +16,10 @@ A checkpoint is written to `iter_NNNNNNN.tmp/`, renamed when every rank has fini
 half-deleted one never looks complete). A crash at any point leaves `latest` pointing at a complete
 checkpoint; `clean_leftovers` removes what a crash left behind when the next run starts.
 
+A DeepSpeed checkpoint resumed with another number of processes, ZeRO stage or EP size is first converted
+to `iter_NNNNNNN.resharded/` next to it (`train.reshard`); copies in `SAVE` are removed once the next
+checkpoint is complete.
+
 run_state.json is written last, after every rank has finished, and lists every file of the checkpoint with
 its size: a file cut short later (a copy, a full disk) is found when the checkpoint is opened, not deep in
 loading it.

@@ -6,6 +6,9 @@
                                 hf_config/ (the base model's config and tokenizer files, HF_FILES) and,
                                 written last, run_state.json, which lists every file with its size
     SAVE/iter_NNNNNNN.tmp/      a checkpoint being written (renamed when complete)
+    SAVE/iter_NNNNNNN.resharded/  that checkpoint's DeepSpeed state in a layout any number of processes,
+                                ZeRO stage and EP size can load (`train.reshard`), written on a resume that
+                                changes them; complete when its resharded.json exists (`.tmp` while written)
 
 A folder is a complete checkpoint when its run_state.json exists; `verify_checkpoint` checks that every
 file it lists still has its recorded size.
@@ -21,6 +24,8 @@ from pathlib import Path
 RUN_STATE = "run_state.json"
 LATEST = "latest"
 HF_CONFIG_DIR = "hf_config"
+RESHARDED_SUFFIX = ".resharded"
+RESHARDED_META = "resharded.json"
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
 HF_FILES = (
@@ -42,6 +47,11 @@ HF_FILES = (
 
 def iter_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def resharded_dir(ckpt: Path) -> Path:
+    """Where the resharded copy of checkpoint `ckpt` lives: next to it."""
+    return ckpt.with_name(ckpt.name + RESHARDED_SUFFIX)
 
 
 def list_checkpoints(save_dir: Path) -> list[Path]:

@@ -85,3 +85,20 @@ def test_config_validates_freeze_keys():
     ]:
         with pytest.raises(ValueError, match=match):
             load_config(None, [*base, bad])
+
+
+def test_zero3_partitioned_matrices_keep_their_weight_decay():
+    """Under ZeRO-3's zero.Init a parameter's data is an empty 1-D partition; its real shape (ds_shape)
+    decides the decay, else ZeRO-3 trained every matrix without weight decay."""
+    import torch
+    from torch import nn
+
+    model = nn.Linear(4, 4)
+    for p in model.parameters():
+        p.ds_shape = p.shape  # what zero.Init leaves: the whole shape, and an empty partition as data
+        p.data = torch.empty(0)
+    groups = param_groups(model, 0.1)
+    assert [(g["weight_decay"], [tuple(p.ds_shape) for p in g["params"]]) for g in groups] == [
+        (0.1, [(4, 4)]),
+        (0.0, [(4,)]),
+    ]

@@ -173,12 +173,14 @@ def test_deepspeed_ep_refuses_a_deepspeed_json_it_was_not_verified_with(
         trainer_mod.train(cfg)
 
 
-def test_deepspeed_ep_checkpoint_resumes_only_with_its_expert_parallel_size(tmp_path, tiny_mixtral):
+def test_deepspeed_ep_zero0_checkpoint_resumes_only_with_its_expert_parallel_size(tmp_path, tiny_mixtral):
+    """ZeRO 1-2 EP checkpoints reshard to another EP size (tests/train/test_reshard.py); ZeRO-0 ones do not."""
     ckpt = tmp_path / "iter_0000002"
     ckpt.mkdir()
-    (ckpt / "run_state.json").write_text(json.dumps({"engine": "deepspeed", "expert_parallel_size": 2}))
-    cfg = make_config(tmp_path, tiny_mixtral, "unused", "distributed.zero_stage=2")
-    with pytest.raises(ValueError, match=r"expert_parallel_size=2, the config says 1"):
+    state = {"engine": "deepspeed", "world_size": 1, "zero_stage": 0, "expert_parallel_size": 2}
+    (ckpt / "run_state.json").write_text(json.dumps(state))
+    cfg = make_config(tmp_path, tiny_mixtral, "unused", "distributed.zero_stage=0")
+    with pytest.raises(ValueError, match=r"written with ZeRO stage 0 \(1 process, ZeRO-0, EP 2\)"):
         check_resume_compatible(cfg, ckpt)
 
 

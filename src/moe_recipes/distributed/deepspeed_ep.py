@@ -28,7 +28,9 @@ DeepSpeed (0.19) only turns its MoE handling on when the model holds one of its 
   first EP group, so `convert` reads it like any ZeRO 0-2 checkpoint; a load cuts each rank's slice out of
   them again. Optimizer states: ZeRO 1/2 write every rank's partition (`zero_pp_rank_R_...`), stage 0
   writes one optimizer file per EP rank (`expp_rank_R_mp_rank_00_optim_states.pt`, DeepSpeed's MoE path).
-  Resuming needs the same number of processes and the same expert_parallel_size.
+  Resuming with the same processes and expert_parallel_size is DeepSpeed's own load; with others (ZeRO
+  1/2), `train.reshard` gathers every expert's optimizer partitions into whole tensors and each rank takes
+  its experts' slice. ZeRO-0 EP checkpoints resume only with their own layout.
 """
 
 from __future__ import annotations

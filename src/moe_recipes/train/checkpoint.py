@@ -16,6 +16,10 @@ A checkpoint is written to `iter_NNNNNNN.tmp/`, renamed when every rank has fini
 half-deleted one never looks complete). A crash at any point leaves `latest` pointing at a complete
 checkpoint; `clean_leftovers` removes what a crash left behind when the next run starts.
 
+A DeepSpeed checkpoint resumed with another number of processes, ZeRO stage or EP size is first converted
+to `iter_NNNNNNN.resharded/` next to it (`train.reshard`); copies in `SAVE` are removed once the next
+checkpoint is complete.
+
 run_state.json is written last, after every rank has finished, and lists every file of the checkpoint with
 its size: a file cut short later (a copy, a full disk) is found when the checkpoint is opened, not deep in
 loading it.
@@ -43,9 +47,12 @@ from moe_recipes.fileio import exchange, folder_bytes, is_out_of_space, out_of_s
 from moe_recipes.layout import (
     HF_FILES,
     ITER_RE,
+    RESHARDED_META,
+    RESHARDED_SUFFIX,
     iter_name,
     list_checkpoints,
 )
+from moe_recipes.train import reshard
 
 
 def _barrier() -> None:
@@ -84,13 +91,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def clean_leftovers(save_dir: Path) -> list[str]:
-    """Remove what an interrupted save or prune left in `save_dir` (call with the save lock held, rank 0):
-    `iter_N.tmp` folders, `iter_N` folders without run_state.json, a `latest.tmp`. Returns what it removed."""
+    """Remove what an interrupted save, prune or resharding left in `save_dir` (call with the save lock held,
+    rank 0): `iter_N.tmp` and `iter_N.resharded.tmp` folders, `iter_N` folders without run_state.json, a
+    `latest.tmp`. Returns what it removed."""
     if not save_dir.is_dir():
         return []
     removed = []
     for p in sorted(save_dir.iterdir()):
-        stale_tmp = p.name.endswith(".tmp") and (ITER_RE.match(p.name[:-4]) or p.name == "latest.tmp")
+        base = p.name[:-4].removesuffix(RESHARDED_SUFFIX)
+        stale_tmp = p.name.endswith(".tmp") and (ITER_RE.match(base) or p.name == "latest.tmp")
         half_pruned = ITER_RE.match(p.name) and p.is_dir() and not (p / "run_state.json").is_file()
         if stale_tmp or half_pruned:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -143,6 +152,7 @@ def save_checkpoint(engine: Any, cfg: Config, iteration: int, run_state: dict[st
         write_atomic(save_dir / "latest", name + "\n", iteration)
         fault_point("after_latest", iteration)
         _prune(save_dir, cfg.checkpoint.keep_last_n, iteration)
+        remove_resharded(save_dir)
     _barrier()
     return final
 
@@ -177,8 +187,21 @@ def _prune(save_dir: Path, keep_last_n: int | None, iteration: int = -1) -> None
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
-    """Restore engine state and this rank's RNG state; returns run_state."""
+def remove_resharded(save_dir: Path) -> None:
+    """Remove the resharded copies (`train.reshard`) in `save_dir`: once a newer checkpoint is complete the
+    run no longer needs them. resharded.json goes first, so a half-removed copy never looks complete."""
+    for p in save_dir.glob(f"iter_*{RESHARDED_SUFFIX}"):
+        if ITER_RE.match(p.name.removesuffix(RESHARDED_SUFFIX)) and p.is_dir():
+            (p / RESHARDED_META).unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(engine: Any, ckpt: Path, seed: int = 0) -> dict[str, Any]:
+    """Restore engine state and this rank's RNG state; returns run_state.
+
+    A DeepSpeed checkpoint written with another process count, ZeRO stage or expert-parallel size is
+    converted once to the resharded layout next to it and loaded from there (`train.reshard`); run_state
+    then says so under `resharded` (where, how long) and `resume_note` (one line for the log)."""
     run_state = json.loads((ckpt / "run_state.json").read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
     written_by = run_state.get("engine", "deepspeed")
@@ -188,19 +211,49 @@ def load_checkpoint(engine: Any, ckpt: Path) -> dict[str, Any]:
             f"{ckpt} was written by the {written_by} engine; it cannot be resumed with "
             f"distributed.engine={engine_name} (convert it to a Hugging Face folder and start from that)"
         )
-    # DCP (fsdp2) reshards to any number of processes; DeepSpeed's ZeRO partitions need the same number.
-    resharded = run_state.get("world_size") != world
-    if written_by == "deepspeed" and resharded and run_state.get("zero_stage", 0) > 0:
-        raise ValueError(
-            f"{ckpt} was written by {run_state.get('world_size')} processes with ZeRO stage "
-            f"{run_state.get('zero_stage')}; resuming it needs the same number of processes (got {world})"
-        )
+    if written_by == "deepspeed":
+        stage, ep = engine.zero_optimization_stage(), getattr(engine, "expert_parallel_size", 1)
+        if reshard.needs_reshard(run_state, world, stage, ep):
+            _load_resharded(engine, ckpt, run_state, (world, stage, ep))
+            _restore_rng(ckpt, run_state, seed)
+            return run_state
     load_path, _ = engine.load_checkpoint(
         str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {ckpt}")
-    rng_file = ckpt / f"rng_state_rank{_rank()}.pt"
+    _restore_rng(ckpt, run_state, seed)
+    return run_state
+
+
+def _load_resharded(engine: Any, ckpt: Path, run_state: dict[str, Any], now: tuple[int, int, int]) -> None:
+    folder, seconds, reused = reshard.convert_on_rank0(ckpt, run_state)
+    step = reshard.load_resharded(engine, folder)
+    engine.global_steps = int(run_state["iteration"])  # DeepSpeed's own counters, as its loader sets them
+    engine.global_samples = int(run_state["consumed_samples"])
+    how = f"reused {folder}" if reused else f"converted to {folder} in {seconds:.1f} s"
+    run_state["resharded"] = {"folder": str(folder), "seconds": seconds, "reused": reused, "adam_step": step}
+    run_state["resume_note"] = (
+        f"checkpoint written by {reshard.describe(*reshard.layout_of(run_state))}; "
+        f"resumed on {reshard.describe(*now)}: {how}"
+    )
+
+
+def derived_seed(seed: int, iteration: int, rank: int) -> int:
+    """The seed of a rank that has no RNG state in the checkpoint (a resume on more processes than wrote
+    it): a fixed function of train.seed, the step and the rank, so the same resume gives the same streams."""
+    return ((seed * 1_000_003 + iteration) * 1_000_003 + rank) % 2**32
+
+
+def _restore_rng(ckpt: Path, run_state: dict[str, Any], seed: int) -> None:
+    """This rank's saved RNG states; a rank the checkpoint's run did not have gets `derived_seed` for
+    Python, NumPy and torch."""
+    rank = _rank()
+    rng_file = ckpt / f"rng_state_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return run_state
+        return
+    derived = derived_seed(seed, int(run_state.get("iteration", 0)), rank)
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)

@@ -44,10 +44,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        # Under ZeRO-3 (zero.Init) a parameter's data is an empty 1-D partition; its real shape is ds_shape
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
         if getattr(p, "allreduce", True) is False:
-            experts.setdefault((p.group_name, p.ndim >= 2), []).append(p)  # type: ignore[attr-defined]
+            experts.setdefault((p.group_name, matrix), []).append(p)  # type: ignore[attr-defined]
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if matrix else no_decay).append(p)
     groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

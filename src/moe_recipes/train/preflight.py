@@ -174,13 +174,8 @@ def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
             f"{cfg.distributed.engine}: an engine's checkpoint cannot be resumed by the other "
             "(convert it to a Hugging Face folder and start from that)"
         )
-    # DeepSpeed's ZeRO partitions and optimizer files of an expert-parallel run are cut for its EP size
-    written_ep, ep = state.get("expert_parallel_size", 1), cfg.distributed.expert_parallel_size
-    if written_by == "deepspeed" and written_ep != ep:
-        raise ValueError(
-            f"{ckpt} was written with distributed.expert_parallel_size={written_ep}, the config says {ep}: "
-            "a DeepSpeed checkpoint resumes with the same (convert it to a Hugging Face folder to change it)"
-        )
+    if written_by == "deepspeed":
+        _check_reshardable(cfg, ckpt, state)
     allowed = set(cfg.checkpoint.allow_changes)
     now = {
         "seq_length": cfg.data.seq_length,
@@ -197,6 +192,18 @@ def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
                 f"{ckpt} was trained with {config_key}={saved!r}, the config says {now[key]!r}; "
                 f"to change it deliberately, add checkpoint.allow_changes=[{key}]"
             )
+
+
+def _check_reshardable(cfg: Config, ckpt: Path, state: dict[str, Any]) -> None:
+    """A DeepSpeed checkpoint resumes with another process count, ZeRO stage or EP size through its
+    resharded copy (`train.reshard`), except from ZeRO-0 (whole states, which DeepSpeed itself loads on any
+    number of processes at stage 0 without expert parallelism)."""
+    from moe_recipes.distributed.env import detect_env
+    from moe_recipes.train import reshard
+
+    d = cfg.distributed
+    if reshard.needs_reshard(state, detect_env().world_size, d.zero_stage, d.expert_parallel_size):
+        reshard.check_reshardable(ckpt, state)
 
 
 def ineffective_settings(cfg: Config) -> list[str]:

@@ -266,11 +266,13 @@ def _resolve_precision(cfg: Config, device: torch.device) -> str:
 def _maybe_resume(run: Run, ckpt: Path | None) -> None:
     if ckpt is None:
         return
-    state = ckpt_io.load_checkpoint(run.engine, ckpt)
+    state = ckpt_io.load_checkpoint(run.engine, ckpt, seed=run.cfg.train.seed)
     run.iteration = int(state["iteration"])
     run.consumed_samples = int(state["consumed_samples"])
+    note = f"; {state['resume_note']}" if "resume_note" in state else ""
     run.print(
         f"[moe-recipes] resumed from {ckpt} at step {run.iteration} ({run.consumed_samples} samples consumed)"
+        + note
     )
 
 

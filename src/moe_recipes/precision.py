@@ -9,6 +9,7 @@ precision here, and say what they chose and why.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -54,11 +55,23 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 
 
 def _cpu_native_bf16() -> tuple[bool, str]:
-    # oneDNN's check honours ONEDNN_MAX_CPU_ISA, so a process restricted to AVX2 is seen as such; on x86 it
-    # is also true for plain AVX-512, where bf16 is emulated, hence the instruction checks that follow.
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    # A process limited to AVX2 kernels computes bf16 as an AVX2-only CPU does (emulated), whatever the CPU
+    # has. Both limits are honoured (ATEN_CPU_CAPABILITY for PyTorch's own kernels, ONEDNN_MAX_CPU_ISA for
+    # oneDNN's matmuls), so that a run or the test suite restricted that way behaves as on such a CPU.
+    aten_limit = os.environ.get("ATEN_CPU_CAPABILITY")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if x86 and aten_limit and not capability.startswith("AVX512"):
+        why = f"PyTorch's kernels are limited to {capability} (ATEN_CPU_CAPABILITY={aten_limit})"
+        return False, f"{why}, bf16 would be emulated"
+    # oneDNN's check honours ONEDNN_MAX_CPU_ISA; on x86 it is also true for plain AVX-512, where bf16 is
+    # emulated, hence the instruction checks that follow.
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        if onednn_limit := os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            why = f"oneDNN's kernels are limited to {onednn_limit} (ONEDNN_MAX_CPU_ISA)"
+            return False, f"{why}, bf16 would be emulated"
         return False, "this CPU has no bf16 matmul instructions (no AVX-512-BF16/AMX), bf16 would be emulated"
-    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+    if x86:
         if torch.cpu._is_amx_tile_supported():
             return True, "this CPU has AMX"
         if torch.cpu._is_avx512_bf16_supported():

@@ -76,10 +76,10 @@ def test_bf16_gradient_reduction_tracks_the_single_process_bf16_run(tmp_path, ti
         "distributed.reduce_dtype=bf16",
     )
     out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
-    assert (
-        "ZeRO-2" in out.stdout
-        and "precision bf16 (as configured), gradients reduced in bfloat16" in out.stdout
-    )
+    # the facts, not the sentence: on a CPU that emulates bf16 the precision names why it is slow there
+    start = next(line for line in out.stdout.splitlines() if "process(es)" in line)
+    assert "ZeRO-2" in start and "precision bf16 (as configured" in start
+    assert start.endswith("gradients reduced in bfloat16")
     a, b = step_records(single / "run"), step_records(tmp_path / "two" / "run")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     # step 1 is computed before any update; later steps see weights updated from bf16-rounded gradients

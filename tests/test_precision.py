@@ -103,3 +103,39 @@ def test_training_start_line_says_what_auto_chose(tmp_path, tiny_mixtral, tiny_d
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(x for x in run.stdout.splitlines() if "precision auto" in x)
     assert "precision auto -> fp32 (" in line and "bf16 would be emulated)" in line
+
+
+def test_grouped_mm_gets_the_autocast_rule_of_a_matmul_and_fp32_code_is_untouched():
+    """autocast has no rule for torch._grouped_mm (the `grouped_mm` experts): with the rule it runs in bf16
+    under bf16 autocast, fp32 weights get fp32 gradients, and fp32 code gives the same bits as before."""
+    code = """
+import torch
+from moe_recipes.precision import autocast_every_matmul
+g = torch.Generator().manual_seed(0)
+x = torch.randn(24, 32, generator=g, requires_grad=True)
+w = torch.randn(3, 32, 16, generator=g, requires_grad=True)
+offs = torch.tensor([5, 13, 24], dtype=torch.int32)
+
+def run(autocast):
+    x.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = torch._grouped_mm(x, w, offs=offs)
+    y.float().square().sum().backward()
+    return y, x.grad.clone(), w.grad.clone()
+
+before = run(False)
+print("without rule", run(True)[0].dtype)
+autocast_every_matmul("cpu")
+autocast_every_matmul("cpu")  # idempotent
+after = run(False)
+print("fp32 unchanged", all(torch.equal(a, b) for a, b in zip(before, after)))
+y, gx, gw = run(True)
+print("with rule", y.dtype, gx.dtype, gw.dtype)
+"""
+    run = _run(code, {})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "without rule torch.float32",
+        "fp32 unchanged True",
+        "with rule torch.bfloat16 torch.float32 torch.float32",
+    ]

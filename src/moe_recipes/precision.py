@@ -19,6 +19,11 @@ import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
 _WARNED: set[str] = set()
+# Matrix multiplies that autocast (torch 2.13) has no rule for, on any device: they run in the dtype of their
+# inputs. transformers' `grouped_mm` experts call torch._grouped_mm, so under autocast with fp32 weights
+# (DeepSpeed's master weights) the routed experts, most of an MoE model's FLOPs, stayed in fp32.
+AUTOCAST_MATMULS = ("aten::_grouped_mm",)
+_AUTOCAST_RULES: dict[str, torch.library.Library] = {}
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,22 @@ def resolve_precision(requested: str, device: torch.device) -> PrecisionChoice:
     if not native:
         _warn_emulated(device, why)
     return PrecisionChoice("bf16", "as configured" + ("" if native else f"; {why}"))
+
+
+def autocast_every_matmul(device_type: str) -> None:
+    """Give bf16 autocast on `device_type` the rule it lacks for the matmuls of `AUTOCAST_MATMULS`: cast
+    floating inputs to bf16, as autocast does for `mm`/`linear` (the backward then runs in bf16 too, and the
+    gradients of fp32 weights come back fp32 through the cast). Idempotent; an op that has an autocast rule
+    of its own (a later torch) keeps it. Only autocast regions are affected: fp32 code never reaches the rule.
+    """
+    if device_type in _AUTOCAST_RULES:
+        return
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    lib = torch.library.Library("aten", "FRAGMENT")
+    for op in AUTOCAST_MATMULS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
+            torch.library.register_autocast(op, device_type, torch.bfloat16, lib=lib)
+    _AUTOCAST_RULES[device_type] = lib
 
 
 def _warn_emulated(device: torch.device, why: str) -> None:

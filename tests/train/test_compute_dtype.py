@@ -70,9 +70,12 @@ class OpDtypes(TorchDispatchMode):
 def _probe_engines(workdir: str, model: str, data: str) -> dict[str, dict[tuple[str, tuple[str, ...]], int]]:
     """On each rank: train one step of every engine in both precisions under the probe, in one process group
     (torch cannot re-create a group on the same port in one process, so the trainer must not destroy it)."""
+    from moe_recipes.precision import resolve_precision
     from moe_recipes.train import trainer
 
     trainer.destroy_distributed = lambda: None
+    # Where bf16 is emulated, the first bf16 run warns with a measured fp32/bf16 matmul ratio: not training
+    resolve_precision("bf16", torch.device("cpu"))
     out = {}
     for precision in ("bf16", "fp32"):
         for engine, extra in ENGINES.items():

@@ -9,6 +9,7 @@ precision here, and say what they chose and why.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -18,6 +19,11 @@ import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
 _WARNED: set[str] = set()
+# Matrix multiplies that autocast (torch 2.13) has no rule for, on any device: they run in the dtype of their
+# inputs. transformers' `grouped_mm` experts call torch._grouped_mm, so under autocast with fp32 weights
+# (DeepSpeed's master weights) the routed experts, most of an MoE model's FLOPs, stayed in fp32.
+AUTOCAST_MATMULS = ("aten::_grouped_mm",)
+_AUTOCAST_RULES: dict[str, torch.library.Library] = {}
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,23 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 
 
 def _cpu_native_bf16() -> tuple[bool, str]:
-    # oneDNN's check honours ONEDNN_MAX_CPU_ISA, so a process restricted to AVX2 is seen as such; on x86 it
-    # is also true for plain AVX-512, where bf16 is emulated, hence the instruction checks that follow.
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    # A process limited to AVX2 kernels computes bf16 as an AVX2-only CPU does (emulated), whatever the CPU
+    # has. Both limits are honoured (ATEN_CPU_CAPABILITY for PyTorch's own kernels, ONEDNN_MAX_CPU_ISA for
+    # oneDNN's matmuls), so that a run or the test suite restricted that way behaves as on such a CPU.
+    aten_limit = os.environ.get("ATEN_CPU_CAPABILITY")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if x86 and aten_limit and not capability.startswith("AVX512"):
+        why = f"PyTorch's kernels are limited to {capability} (ATEN_CPU_CAPABILITY={aten_limit})"
+        return False, f"{why}, bf16 would be emulated"
+    # oneDNN's check honours ONEDNN_MAX_CPU_ISA; on x86 it is also true for plain AVX-512, where bf16 is
+    # emulated, hence the instruction checks that follow.
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        if onednn_limit := os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            why = f"oneDNN's kernels are limited to {onednn_limit} (ONEDNN_MAX_CPU_ISA)"
+            return False, f"{why}, bf16 would be emulated"
         return False, "this CPU has no bf16 matmul instructions (no AVX-512-BF16/AMX), bf16 would be emulated"
-    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+    if x86:
         if torch.cpu._is_amx_tile_supported():
             return True, "this CPU has AMX"
         if torch.cpu._is_avx512_bf16_supported():
@@ -79,6 +97,22 @@ def resolve_precision(requested: str, device: torch.device) -> PrecisionChoice:
     if not native:
         _warn_emulated(device, why)
     return PrecisionChoice("bf16", "as configured" + ("" if native else f"; {why}"))
+
+
+def autocast_every_matmul(device_type: str) -> None:
+    """Give bf16 autocast on `device_type` the rule it lacks for the matmuls of `AUTOCAST_MATMULS`: cast
+    floating inputs to bf16, as autocast does for `mm`/`linear` (the backward then runs in bf16 too, and the
+    gradients of fp32 weights come back fp32 through the cast). Idempotent; an op that has an autocast rule
+    of its own (a later torch) keeps it. Only autocast regions are affected: fp32 code never reaches the rule.
+    """
+    if device_type in _AUTOCAST_RULES:
+        return
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    lib = torch.library.Library("aten", "FRAGMENT")
+    for op in AUTOCAST_MATMULS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
+            torch.library.register_autocast(op, device_type, torch.bfloat16, lib=lib)
+    _AUTOCAST_RULES[device_type] = lib
 
 
 def _warn_emulated(device: torch.device, why: str) -> None:

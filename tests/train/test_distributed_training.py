@@ -63,7 +63,16 @@ def test_zero2_mpirun_matches_single_process(tmp_path, reference, tiny_mixtral, 
 
 
 def test_bf16_gradient_reduction_tracks_the_single_process_bf16_run(tmp_path, tiny_mixtral, tiny_dataset):
-    bf16 = (*COMMON, "train.precision=bf16")
+    # the smallest run that shows it (bf16 is emulated, 40-60x slower, on CPUs without AVX-512-BF16/AMX): one
+    # micro-batch of 32 tokens per rank, the single process accumulating both
+    bf16 = (
+        "train.micro_batch_size=1",
+        "train.global_batch_size=2",
+        "train.iters=3",
+        "data.seq_length=32",
+        "eval.iters=0",
+        "train.precision=bf16",
+    )
     single = tmp_path / "single"
     assert train(make_config(single, tiny_mixtral, tiny_dataset, *bf16)) == 0
     (tmp_path / "two").mkdir()
@@ -76,13 +85,13 @@ def test_bf16_gradient_reduction_tracks_the_single_process_bf16_run(tmp_path, ti
         "distributed.reduce_dtype=bf16",
     )
     out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
-    assert (
-        "ZeRO-2" in out.stdout
-        and "precision bf16 (as configured), gradients reduced in bfloat16" in out.stdout
-    )
+    # the facts, not the sentence: on a CPU that emulates bf16 the precision names why it is slow there
+    start = next(line for line in out.stdout.splitlines() if "process(es)" in line)
+    assert "ZeRO-2" in start and "precision bf16 (as configured" in start
+    assert start.endswith("gradients reduced in bfloat16")
     a, b = step_records(single / "run"), step_records(tmp_path / "two" / "run")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert sorted(a) == sorted(b) == [1, 2, 3]
     # step 1 is computed before any update; later steps see weights updated from bf16-rounded gradients
     assert b[1]["lm_loss"] == pytest.approx(a[1]["lm_loss"], rel=1e-4)
-    for step in (2, 3, 4):
+    for step in (2, 3):
         assert b[step]["lm_loss"] == pytest.approx(a[step]["lm_loss"], rel=5e-3), step

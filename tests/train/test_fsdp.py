@@ -95,7 +95,14 @@ def test_options_keep_the_deepspeed_losses(tmp_path, tiny_mixtral, tiny_dataset)
 
 def test_bf16_uses_bf16_params_with_fp32_reduction(tmp_path, tiny_mixtral, tiny_dataset):
     """train.precision=bf16: compute in bf16, fp32 shards and fp32 reduction; losses near DeepSpeed's."""
-    common = ("train.iters=2", "eval.iters=0", "train.precision=bf16")
+    # one micro-batch of 2 x 32 tokens per step: bf16 is emulated (40-60x slower) on CPUs without bf16 units
+    common = (
+        "train.iters=2",
+        "eval.iters=0",
+        "train.precision=bf16",
+        "data.seq_length=32",
+        "train.global_batch_size=2",
+    )
     assert trainer.train(make_config(tmp_path / "ds", tiny_mixtral, tiny_dataset, *common)) == 0
     run = _run(make_config(tmp_path / "fsdp", tiny_mixtral, tiny_dataset, *common, FSDP))
     policy = run.engine.module._get_fsdp_state()._mp_policy

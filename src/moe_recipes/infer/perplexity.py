@@ -30,6 +30,7 @@ from moe_recipes.data.pretrain import (
     split_document_ranges,
 )
 from moe_recipes.models.losses import chunked_causal_lm_loss, lm_head_spec
+from moe_recipes.precision import autocast_every_matmul
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,10 @@ def _loss_sum(model: Any, batch: dict[str, torch.Tensor], chunk_size: int, bf16:
     """Summed token cross-entropy of one batch, computed as the trainer's objective does."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if bf16:  # as the trainer's objective computes: the routed experts' grouped_mm in bf16 too
+        autocast_every_matmul(device.type)
+        autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     with torch.no_grad(), autocast:
         out = model.get_decoder()(
             input_ids=batch["input_ids"],

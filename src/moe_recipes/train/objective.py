@@ -18,6 +18,7 @@ from moe_recipes.models.balancing import BalanceCoefs, GlobalLoad, balancing_los
 from moe_recipes.models.fused_loss import fused_linear_cross_entropy
 from moe_recipes.models.inspect import MoEInfo, RouterCapture
 from moe_recipes.models.losses import chunked_causal_lm_loss, expert_counts, lm_head_spec
+from moe_recipes.precision import autocast_every_matmul
 
 IGNORE_INDEX = -100
 CHUNK_LOGIT_BYTES = 256 * 2**20
@@ -90,6 +91,7 @@ class CausalLMObjective(nn.Module):
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if not self.bf16:
             return contextlib.nullcontext()
+        autocast_every_matmul(device.type)  # the routed experts' grouped_mm included
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def forward(

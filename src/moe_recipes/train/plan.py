@@ -13,9 +13,11 @@ this project actually runs (`train.engine`, `train.fsdp_engine`, `train.objectiv
   The gradient reduce bucket is DeepSpeed's ``reduce_bucket_size`` (default 5e8 elements, fp32).
 * With ``train.precision=bf16`` autocast casts every fp32 ``nn.Linear`` weight to bf16 and caches the
   cast until the forward ends (torch's autocast weight cache), so DeepSpeed runs hold a bf16 copy of all
-  of them, unsharded, at the end of the forward: 2 bytes/param, whatever the ZeRO stage. Fused expert
-  weights are not cast (transformers' grouped_mm is not autocast-enabled: the experts run in the weights'
-  dtype, fp32 here), so for MoE models this is the attention, routers, shared experts and LM head.
+  of them, unsharded, at the end of the forward: 2 bytes/param, whatever the ZeRO stage (for MoE models
+  the attention, routers, shared experts and LM head). The fused expert weights are cast too (the autocast
+  rule `precision.autocast_every_matmul` gives transformers' grouped_mm), not cached, but each layer's bf16
+  copy is saved for its backward: 2 bytes per routed-expert parameter a rank holds, of all layers (one
+  layer with activation checkpointing), unsharded even under ZeRO-3.
 * FSDP2 shards fp32 parameters, fp32 gradients and the AdamW moments over the shard group
   (`distributed.fsdp_shard_size`, default all ranks) and gathers decoder layers in the compute dtype (bf16
   with precision=bf16); the root (embeddings, final norm, LM head) stays gathered through the step. With
@@ -292,9 +294,11 @@ def _deepspeed_states(out: MemoryPlan, cfg: Config) -> None:
         dev["gradient reduce bucket"] = 4 * min(_reduce_bucket(cfg), t)
     if _bf16(cfg):
         dev["autocast bf16 weight cache"] = 2 * s.linear_params
+        held = s.largest_layer_expert_params if cfg.train.activation_checkpointing else s.routed_expert_params
+        dev["bf16 expert weights saved for backward"] = 2 * held // cfg.distributed.expert_parallel_size
         out.notes.append(
-            "bf16 autocast caches a bf16 copy of every fp32 nn.Linear weight until the forward ends "
-            "(unsharded even under ZeRO-3); the fused experts run in fp32"
+            "bf16 autocast caches a bf16 copy of every fp32 nn.Linear weight until the forward ends, and each "
+            "layer keeps the bf16 copy of its routed experts for its backward (unsharded even under ZeRO-3)"
         )
 
 
@@ -337,11 +341,11 @@ def _activations(out: MemoryPlan, cfg: Config) -> None:
     """Saved activations of one micro-batch; one layer recomputed at a time under checkpointing."""
     s, tokens = out.model, out.tokens_per_micro_batch
     e = _compute_bytes(cfg)
-    # the residual stream is fp32 under autocast with fp32 weights, bf16 with FSDP2's bf16 parameters
+    # the residual stream is fp32 under autocast with fp32 weights, bf16 with FSDP2's bf16 parameters;
+    # every matmul, grouped_mm's of the experts included, saves its inputs in the compute dtype
     low = cfg.distributed.engine == "fsdp2" and e == 2
     stream = 2 if low else 4
-    expert = 2 if low else 4  # grouped_mm runs in the dtype of the (gathered) weights
-    per_layer = [e * mm + expert * ex + 4 * nm for mm, ex, nm in s.act_elems_per_token]
+    per_layer = [e * (mm + ex) + 4 * nm for mm, ex, nm in s.act_elems_per_token]
     if cfg.train.activation_checkpointing:
         out.device["activations (layer inputs)"] = tokens * s.num_layers * s.hidden_size * stream
         out.device["activations (one layer recomputed)"] = tokens * max(per_layer, default=0)

@@ -110,7 +110,9 @@ def main() -> int:
     p.add_argument("--intermediate", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--max-shard-size", default="50GB", help="as upcycle's default (transformers' save_pretrained)")
+    p.add_argument(
+        "--max-shard-size", default="50GB", help="as upcycle's default (transformers' save_pretrained)"
+    )
     p.add_argument("--old-rev", default=None, help="git revision of the old upcycle.py (default: see above)")
     p.add_argument("--workdir", default=None)
     args = p.parse_args()

@@ -52,6 +52,11 @@ class FileTensor:
     block: tuple[Index, ...]
     dims: tuple[int | None, ...]
 
+    @classmethod
+    def whole(cls, name: str, shape: tuple[int, ...]) -> FileTensor:
+        """A file tensor that is the whole in-memory tensor, under `name`."""
+        return cls(name, shape, tuple((0, s) for s in shape), tuple(range(len(shape))))
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -120,9 +125,6 @@ class ReleasedLayout:
         """The file tensors of in-memory tensor `name` (views of `tensor` where possible)."""
         return {f.name: f.take(tensor) for f in self.pieces[name]}
 
-    def is_identity(self) -> bool:
-        return all(len(fs) == 1 and fs[0].name == name for name, fs in self.pieces.items())
-
 
 class _NoCopies(TorchFunctionMode):
     """Make ``Tensor.contiguous`` return its input, so probes broadcast without memory stay views."""
@@ -173,14 +175,14 @@ def released_layout(model: Any, shapes: Iterable[tuple[str, tuple[int, ...]]]) -
     shapes = [(name, tuple(shape)) for name, shape in shapes]
     view = _WithConversions(model, released_conversions(model))
     if view._weight_conversions is None:
-        return ReleasedLayout({name: (_whole(name, shape),) for name, shape in shapes})
+        return ReleasedLayout({name: (FileTensor.whole(name, shape),) for name, shape in shapes})
     metas = {name: torch.empty(shape, device="meta") for name, shape in shapes}
     whole = _revert(view, metas)  # every name at once, as save_pretrained reverts its state dict
     pieces: dict[str, tuple[FileTensor, ...]] = {}
     for name, shape in shapes:
         out = _revert(view, {name: metas[name]})
         if len(out) == 1 and tuple(next(iter(out.values())).shape) == shape:
-            pieces[name] = (_whole(next(iter(out)), shape),)
+            pieces[name] = (FileTensor.whole(next(iter(out)), shape),)
         else:
             pieces[name] = _probe(view, name, shape, {k: tuple(v.shape) for k, v in out.items()})
     found = {f.name: f.shape for fs in pieces.values() for f in fs}
@@ -192,10 +194,6 @@ def released_layout(model: Any, shapes: Iterable[tuple[str, tuple[int, ...]]]) -
             f"into one file tensor ({odd}); writing this layout tensor by tensor is not supported"
         )
     return ReleasedLayout(pieces)
-
-
-def _whole(file_name: str, shape: tuple[int, ...]) -> FileTensor:
-    return FileTensor(file_name, shape, tuple((0, s) for s in shape), tuple(range(len(shape))))
 
 
 def _probe(

@@ -138,7 +138,7 @@ def _pieces_in_folder(
     if all(f.name in files for f in pieces):
         return pieces
     if name in files:
-        return (FileTensor(name, shape, tuple((0, s) for s in shape), tuple(range(len(shape)))),)
+        return (FileTensor.whole(name, shape),)
     return None
 
 

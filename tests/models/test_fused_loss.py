@@ -203,3 +203,32 @@ def test_auto_kernel_compiles_only_large_chunks():
     assert not fused_loss.use_compiled_kernel("eager", 4096, 129280)
     with pytest.raises(ValueError, match="loss kernel must be one of"):
         fused_loss.use_compiled_kernel("fast", 1, 1)
+
+
+def test_inductor_cache_is_kept_apart_per_cpu_limit(tmp_path):
+    """Kernels compiled under ATEN_CPU_CAPABILITY=avx2 gave wrong losses when an unlimited process found them
+    in torch's shared cache; each limit gets its own cache folder, and a folder the user chose is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "from moe_recipes.models.fused_loss import isolate_inductor_cache\n"
+        "isolate_inductor_cache()\n"
+        "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])\n"
+    )
+    drop = ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+    base = {k: v for k, v in os.environ.items() if k not in drop}
+
+    def folder(**env: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.strip()
+
+    avx2 = folder(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    unlimited = folder(ATEN_CPU_CAPABILITY="default")
+    assert avx2.endswith("isa-AVX2-AVX2") and avx2 != unlimited
+    assert folder(TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) == str(tmp_path)

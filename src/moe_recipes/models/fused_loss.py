@@ -21,6 +21,7 @@ use `chunked_causal_lm_loss` instead.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,24 @@ def _describe(err: BaseException) -> str:
     return " <- ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" for e in parts)
 
 
+def isolate_inductor_cache() -> None:
+    """Keep torch.compile's on-disk cache apart per CPU instruction-set limit, unless the user chose a
+    cache folder (TORCHINDUCTOR_CACHE_DIR).
+
+    Measured with torch 2.13: a kernel compiled in a process limited by ATEN_CPU_CAPABILITY=avx2 is found
+    in the shared cache by a later unlimited process on the same machine and computes wrong values there
+    (the LM-head loss was off by 0.5%; a bf16 run aborted). The cache key misses the limit, so the limit
+    goes into the folder name."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return  # (torch itself fills the variable in with its default on import)
+    capability = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "all")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"isa-{capability}-{onednn}")
+
+
 class _CompiledKernel:
     """The compiled kernels, each built on first use; all disabled for the process after a compile error."""
 
@@ -126,6 +145,7 @@ class _CompiledKernel:
             return None
         try:
             if fn.__name__ not in self.fns:
+                isolate_inductor_cache()
                 self.fns[fn.__name__] = torch.compile(fn, fullgraph=True)
             return self.fns[fn.__name__](*args)
         except Exception as err:

@@ -42,35 +42,25 @@ def _rss_kib(field: str) -> int:
 
 def child(mode: str, folder: str, ep: int) -> None:
     """One rank: start the model as the trainer does in `mode`; print a JSON line with its figures."""
+    import torch
     import torch.distributed as dist
 
     from moe_recipes.config import Config
     from moe_recipes.models.inspect import inspect_model
     from moe_recipes.models.loading import load_model
-    from moe_recipes.models.sharded_load import build_on_meta, fill_from_folder
-    from moe_recipes.train.fsdp_engine import (
-        build_expert_mesh,
-        build_mesh,
-        shard_experts_over_mesh,
-        shard_model,
-    )
+    from moe_recipes.models.sharded_load import build_on_meta
+    from moe_recipes.train.fsdp_engine import shard_and_fill
 
     dist.init_process_group("gloo")
-    world = dist.get_world_size()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
     baseline = _rss_kib("VmRSS")
     start = time.perf_counter()
     model = build_on_meta(folder) if mode == "sharded" else load_model(folder)
-    info = inspect_model(model)
-    mesh = build_mesh("cpu", world, None)
-    experts = None
-    if ep > 1:
-        expert_mesh = build_expert_mesh("cpu", world, ep)
-        experts = (shard_experts_over_mesh(info, expert_mesh), expert_mesh)
-    shard_model(model, Config(), info.decoder_layer_classes, mesh, experts)
-    if mode == "sharded":
-        model.to_empty(device="cpu")
-        fill_from_folder(model, folder)
+    cfg = Config()
+    cfg.distributed.expert_parallel_size = ep
+    shard_and_fill(
+        model, model, cfg, inspect_model(model), torch.device("cpu"), folder if mode == "sharded" else None
+    )
     dist.barrier()
     took = time.perf_counter() - start
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())

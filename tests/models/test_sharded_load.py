@@ -52,24 +52,15 @@ def _sharded_load(folders: list[str], ep: int) -> list[tuple[str, int, int]]:
 
     from moe_recipes.config import Config
     from moe_recipes.models.inspect import inspect_model
-    from moe_recipes.train.fsdp_engine import (
-        build_expert_mesh,
-        build_mesh,
-        shard_experts_over_mesh,
-        shard_model,
-    )
+    from moe_recipes.train.fsdp_engine import shard_and_fill
 
     world = dist.get_world_size()
     out = []
     for folder in folders:
         model = build_on_meta(folder)
-        info = inspect_model(model)
-        mesh = build_mesh("cpu", world, None)
-        experts = None
-        if ep > 1:
-            expert_mesh = build_expert_mesh("cpu", world, ep)
-            experts = (shard_experts_over_mesh(info, expert_mesh), expert_mesh)
-        shard_model(model, Config(), info.decoder_layer_classes, mesh, experts)
+        cfg = Config()
+        cfg.distributed.expert_parallel_size = ep
+        shard_and_fill(model, model, cfg, inspect_model(model), torch.device("cpu"))
         model.to_empty(device="cpu")
         report = fill_from_folder(model, folder)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

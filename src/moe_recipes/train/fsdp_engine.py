@@ -253,19 +253,18 @@ class FSDPEngine:
         return str(path), {}
 
 
-def initialize_fsdp(
+def shard_and_fill(
     module: nn.Module,
+    model: nn.Module,
     cfg: Config,
     info: MoEInfo,
-    grad_accum: int,
     device: torch.device,
     weights: str | None = None,
-) -> tuple[FSDPEngine, SkippableAdamW]:
-    """Shard `module` (the objective around the model `info` describes) with FSDP2, with expert
-    parallelism when `distributed.expert_parallel_size` > 1, and build its SkippableAdamW.
-
-    With `weights` (a Hugging Face folder) the module is on the ``meta`` device: after sharding, each rank
-    materialises only its shards and reads only their rows from the folder (`models.sharded_load`)."""
+) -> DeviceMesh:
+    """Shard `module` (the Hugging Face `model`, or the objective around it) as training does: the experts
+    cut over the expert mesh when `distributed.expert_parallel_size` > 1, then `fully_shard`; returns the
+    mesh. With `weights` the module is on ``meta``: each rank then materialises only its shards and reads
+    only their rows from that Hugging Face folder (`models.sharded_load`)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     d = cfg.distributed
     mesh = build_mesh(device.type, world, d.fsdp_shard_size)
@@ -279,7 +278,25 @@ def initialize_fsdp(
         from moe_recipes.models.sharded_load import fill_from_folder
 
         module.to_empty(device=device)
-        fill_from_folder(module.model, weights)
+        fill_from_folder(model, weights)
+    return mesh
+
+
+def initialize_fsdp(
+    module: nn.Module,
+    cfg: Config,
+    info: MoEInfo,
+    grad_accum: int,
+    device: torch.device,
+    weights: str | None = None,
+) -> tuple[FSDPEngine, SkippableAdamW]:
+    """Shard `module` (the objective around the model `info` describes) with FSDP2, with expert
+    parallelism when `distributed.expert_parallel_size` > 1, and build its SkippableAdamW.
+
+    With `weights` (a Hugging Face folder) the module is on the ``meta`` device: after sharding, each rank
+    materialises only its shards and reads only their rows from the folder (`models.sharded_load`)."""
+    d = cfg.distributed
+    mesh = shard_and_fill(module, getattr(module, "model", module), cfg, info, device, weights)
     # Built after sharding, so the optimizer holds (and keeps its state for) the DTensor shards.
     optimizer = build_optimizer(module, cfg.optim)
     engine = FSDPEngine(

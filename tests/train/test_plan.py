@@ -134,3 +134,17 @@ def test_deepspeed_expert_parallel_replicates_a_share_of_the_experts():
     assert plain.device[key] - ep.device[key] == 4 * (routed * 7 // 8)
     for key in ("fp32 master copy (shard)", "gradients (fp32 shard)", "AdamW moments (fp32 shard)"):
         assert ep.device[key] == plain.device[key], key
+
+
+def test_zero3_receives_layers_in_bf16_under_bf16():
+    """ZeRO-3 with bf16 compute receives the matrices in bf16 (half the wire bytes) and widens them to fp32:
+    the gathered layers still take 4 bytes/param, the receive buffer of the layer arriving 2 instead of 4."""
+    cfg = load_config(REPO / "configs" / "qwen2-57b-a14b.yaml", [f"model.path={CONFIGS / 'qwen2-57b-a14b'}"])
+    cfg.distributed.engine, cfg.distributed.zero_stage, cfg.train.precision = "deepspeed", 3, "bf16"
+    bf16 = plan(cfg, cfg.model.path, Hardware(8, 8, 80))
+    cfg.train.precision = "fp32"
+    fp32 = plan(cfg, cfg.model.path, Hardware(8, 8, 80))
+    layer = bf16.model.largest_layer_params
+    assert bf16.device["gathered layers (fp32, 2 layers)"] == fp32.device["gathered layers (fp32, 2 layers)"]
+    assert bf16.device["gather buffer (bf16, one layer)"] == 2 * layer
+    assert fp32.device["gather buffer (fp32, one layer)"] == 4 * layer

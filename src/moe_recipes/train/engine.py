@@ -2,6 +2,13 @@
 
 Mixed precision is done by autocast inside the objective, so DeepSpeed keeps fp32 parameters (the master
 weights), fp32 gradients and fp32 gradient accumulation; checkpoints therefore hold exact fp32 weights.
+
+Under ZeRO-3 with bf16 compute, the weights that autocast casts to bf16 anyway (every matrix but the input
+embedding: attention, routers, experts, shared experts, LM head) are all-gathered in bf16 (`gather_in_bf16`),
+half the bytes of the fp32 gather. Each rank rounds its fp32 partition to bf16 before sending, which is the
+rounding autocast would apply to the gathered fp32 weight, so the step computes exactly what it computed
+with the fp32 gather; the gathered copy is widened back to fp32 in memory, gradients stay fp32 and are
+reduced in `distributed.reduce_dtype`.
 """
 
 from __future__ import annotations
@@ -118,14 +125,45 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[key] = value
 
 
-def initialize(module: nn.Module, cfg: Config, ds_config: dict[str, Any], leaf_classes: set[type]):
-    """Wrap `module` in a DeepSpeed engine with a SkippableAdamW; returns (engine, optimizer)."""
+def gathered_in_bf16(module: nn.Module, embedding: nn.Module | None) -> list[nn.Parameter]:
+    """The parameters that only ever meet bf16 autocast's matmuls: every matrix (2-D and the 3-D fused
+    experts) but the input embedding's (looked up, not multiplied, and kept fp32 by autocast), and no bias.
+    Under ZeRO-3 a parameter's data is its 1-D partition; its real shape is `ds_shape`."""
+    skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    return [
+        p
+        for name, p in module.named_parameters()
+        if len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in skip and not name.endswith("bias")
+    ]
+
+
+def gather_in_bf16(params: list[nn.Parameter]) -> None:
+    """Have ZeRO-3 all-gather `params` in bf16: DeepSpeed's per-parameter communication dtype (the attribute
+    its `torch_autocast` mode sets on the weights of the modules it casts), set without turning that mode on,
+    so gradients keep `communication_data_type` (ours: fp32 unless distributed.reduce_dtype=bf16)."""
+    from deepspeed.runtime.torch_autocast import PARAM_COMM_DTYPE_ATTR_NAME
+
+    for p in params:
+        setattr(p, PARAM_COMM_DTYPE_ATTR_NAME, torch.bfloat16)
+
+
+def initialize(
+    module: nn.Module,
+    cfg: Config,
+    ds_config: dict[str, Any],
+    leaf_classes: set[type],
+    embedding: nn.Module | None = None,
+):
+    """Wrap `module` in a DeepSpeed engine with a SkippableAdamW; returns (engine, optimizer). Under
+    ZeRO-3 and bf16 compute, the matrices but `embedding`'s are gathered in bf16 (see the module's doc)."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
     if cfg.distributed.zero_stage == 3 and leaf_classes:
         # Experts that get no tokens on one rank must not leave the others waiting for a gather.
         set_z3_leaf_modules(module, list(leaf_classes))
+    if cfg.distributed.zero_stage == 3 and cfg.train.precision == "bf16":
+        gather_in_bf16(gathered_in_bf16(module, embedding))
     o = cfg.optim
     optimizer = build_optimizer(module, o)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)

@@ -10,6 +10,9 @@ this project actually runs (`train.engine`, `train.fsdp_engine`, `train.objectiv
   the fp32 gradients (ZeRO-0/1 hold them whole), and the AdamW moments (8 bytes/param) are partitioned
   from ZeRO-1 on. ZeRO-3 partitions everything and gathers one decoder layer at a time (two are counted:
   the one computing and the one prefetched) plus that layer's full gradient before its reduce-scatter.
+  A layer arrives in one flat buffer, then is copied out into its parameters. With bf16 compute the
+  matrices are all-gathered in bf16 (half the bytes on the wire and in that buffer) and widened back to
+  fp32 in memory, so a gathered layer still takes 4 bytes/param.
   The gradient reduce bucket is DeepSpeed's ``reduce_bucket_size`` (default 5e8 elements, fp32).
 * With ``train.precision=bf16`` autocast casts every fp32 ``nn.Linear`` weight to bf16 and caches the
   cast until the forward ends (torch's autocast weight cache), so DeepSpeed runs hold a bf16 copy of all
@@ -273,6 +276,10 @@ def _deepspeed_states(out: MemoryPlan, cfg: Config) -> None:
     if stage == 3:
         (host if cfg.distributed.offload_params else dev)["parameters (fp32 shard)"] = 4 * p // n
         dev["gathered layers (fp32, 2 layers)"] = 2 * 4 * s.largest_layer_params
+        # the flat receive buffer of the layer arriving, in the dtype on the wire (engine.gather_in_bf16)
+        dev[f"gather buffer ({'bf16' if _bf16(cfg) else 'fp32'}, one layer)"] = (
+            _compute_bytes(cfg) * s.largest_layer_params
+        )
         dev["gradients of one layer (fp32)"] = 4 * s.largest_layer_params
     else:
         # with expert parallelism a rank holds 1/EP of the routed experts (their ZeRO partitions over the

@@ -166,7 +166,9 @@ def _setup(cfg: Config) -> Run:
     if use_ds and d.expert_parallel_size > 1:
         engine, optimizer = initialize_expert_parallel(objective, cfg, ds_config, info)
     elif use_ds:
-        engine, optimizer = initialize(objective, cfg, ds_config, info.moe_block_classes)
+        engine, optimizer = initialize(
+            objective, cfg, ds_config, info.moe_block_classes, model.get_input_embeddings()
+        )
     else:
         weights = cfg.model.path if sharded_start else None
         engine, optimizer = initialize_fsdp(objective, cfg, info, grad_accum, device, weights)

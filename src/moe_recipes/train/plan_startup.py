@@ -127,6 +127,7 @@ class StartupPeak:
 
     @property
     def replicates(self) -> bool:
+        """Whether every rank holds the whole model in training (with EP: the dense part and its experts)."""
         return self.in_training.startswith("replicated")
 
     def on_cpu(self, rank0: bool = True) -> int:

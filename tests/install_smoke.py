@@ -74,6 +74,9 @@ def main(repo: Path, work: Path) -> int:
               "--max-samples", "4", cwd=work)  # fmt: skip
     print("     " + out.strip().splitlines()[-1])
     cli("generate", "hf/fsdp2", "--prompt", "Debian", "--max-new-tokens", "4", cwd=work)
+    # accelerate's placement (a dependency of `pip install .`, not of an extra)
+    cli("generate", "hf/fsdp2", "--prompt", "Debian", "--max-new-tokens", "4", "--device-map", "auto",
+        cwd=work)  # fmt: skip
     cli("plot", "runs/zero2", cwd=work)
     records = [json.loads(x) for x in (work / "runs" / "fsdp2" / "metrics.jsonl").read_text().splitlines()]
     assert any("lm_loss" in r for r in records), "no training record written"

@@ -55,6 +55,7 @@ def test_shipped_recipe_fits_its_stated_hardware(recipe):
     cfg = load_config(REPO / "configs" / recipe, [f"model.path={CONFIGS / model}"])
     p = plan(cfg, cfg.model.path, hardware)
     assert p.fits, f"{recipe}: {p.device_total / GIB:.1f} GiB > {p.usable_bytes / GIB:.1f} GiB usable"
+    assert p.startup_fits, f"{recipe}: loading the model needs {p.startup.device_total / GIB:.1f} GiB per GPU"
 
 
 def test_deepseek_v2_lite_cannot_train_replicated_on_one_node():
@@ -148,3 +149,96 @@ def test_zero3_receives_layers_in_bf16_under_bf16():
     assert bf16.device["gathered layers (fp32, 2 layers)"] == fp32.device["gathered layers (fp32, 2 layers)"]
     assert bf16.device["gather buffer (bf16, one layer)"] == 2 * layer
     assert fp32.device["gather buffer (fp32, one layer)"] == 4 * layer
+
+
+def _mixtral(*overrides: str, nodes: int = 1):
+    cfg = load_config(
+        REPO / "configs" / "mixtral-8x7b.yaml", [f"model.path={CONFIGS / 'mixtral-8x7b'}", *overrides]
+    )
+    return plan(cfg, cfg.model.path, Hardware(8, nodes, 80))
+
+
+def test_startup_of_each_engine_at_real_size():
+    """Mixtral-8x7B (bf16 checkpoint) on 8 GPUs: FSDP2 starts sharded, each rank holding 1/8 of the fp32 model
+    on its GPU and reading 1/8 of the checkpoint plus one slice; DeepSpeed ZeRO 0-2 load the whole model on
+    every rank (host: fp32 model + the mapped bf16 checkpoint; GPU: the fp32 model), and replicate it;
+    ZeRO-3 partitions it as built, rank 0 reading the whole checkpoint."""
+    fsdp = _mixtral("distributed.engine=fsdp2")
+    m = fsdp.model
+    p, ck, big = m.total_params, m.checkpoint_bytes, m.largest_tensor
+    assert m.checkpoint_source.startswith("bfloat16") and ck == 2 * p
+    assert big == 8 * 2 * 14336 * 4096  # one layer's fused gate_up_proj
+    start = fsdp.startup
+    assert start.mode == "sharded" and not start.replicates
+    assert start.device_total == 4 * p // 8
+    # on a host that is its own device (CPU): about 1/8 of the fp32 model and the checkpoint, plus one slice
+    assert start.on_cpu() == pytest.approx((4 * p + ck) / 8 + 4 * big / 8, rel=1e-6)
+    assert start.host_total < 0.07 * (4 * p)  # the GPU's shards are not on the host
+    by_engine = {row.engine: row for row in [fsdp.startup, *fsdp.startup_by_engine]}
+    assert sorted(by_engine) == [
+        "DeepSpeed ZeRO-0",
+        "DeepSpeed ZeRO-1",
+        "DeepSpeed ZeRO-2",
+        "DeepSpeed ZeRO-3",
+        "FSDP2",
+    ]
+    for stage in (0, 1, 2):
+        whole = by_engine[f"DeepSpeed ZeRO-{stage}"]
+        assert whole.mode == "whole" and whole.replicates
+        assert 4 * p + ck <= whole.host_total <= 1.02 * (4 * p + ck)  # the whole model per rank
+        assert whole.device_total == 4 * p
+        assert whole.host_per_node >= 8 * 4 * p + ck  # 8 private fp32 copies, the file pages once
+        assert whole.host_total > 20 * start.host_total
+    zero3 = by_engine["DeepSpeed ZeRO-3"]
+    assert zero3.mode == "rank0_reads" and not zero3.replicates
+    assert ck <= zero3.host_total < 1.05 * ck and zero3.host_other_ranks == 0
+    assert 4 * p // 8 < zero3.device_total < 4 * p // 8 + 4 * 2 * big  # a partition and one gathered module
+    # the step plan of the configured engine agrees with its own table row
+    assert _mixtral("distributed.zero_stage=2").startup.host_total == by_engine["DeepSpeed ZeRO-2"].host_total
+
+
+def test_startup_that_does_not_fit_is_said():
+    """ZeRO-2 + EP 8 on 4 nodes holds 1/8 of the experts in training and its step fits, but today the whole
+    fp32 model reaches each GPU before the experts are cut: the plan says that start-up does not fit, while
+    FSDP2 + EP 8 starts sharded."""
+    ds = _mixtral("distributed.zero_stage=2", "distributed.expert_parallel_size=8", nodes=4)
+    assert ds.startup.device_total == 4 * ds.model.total_params > ds.device["parameters (fp32, replicated)"]
+    assert ds.fits and not ds.startup_fits
+    assert "replicated: dense parameters and 1/8" in ds.startup.in_training
+    fsdp = _mixtral("distributed.engine=fsdp2", "distributed.expert_parallel_size=8", nodes=4)
+    assert fsdp.startup_fits and fsdp.startup.mode == "sharded"
+
+
+def test_startup_mode_follows_the_folder_and_offload(tmp_path):
+    """FSDP2 starts sharded only from safetensors and without CPU offload; the checkpoint's size is read
+    from its files when they are there."""
+    assert _mixtral("distributed.engine=fsdp2", "distributed.fsdp_cpu_offload=true").startup.mode == "whole"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text((CONFIGS / "mixtral-8x7b" / "config.json").read_text())
+    cfg = load_config(
+        REPO / "configs" / "mixtral-8x7b.yaml", [f"model.path={folder}", "distributed.engine=fsdp2"]
+    )
+    assert plan(cfg, folder, Hardware(8, 1, 80)).startup.mode == "sharded"  # weights not there yet
+    (folder / "pytorch_model.bin").write_bytes(b"0" * 1000)
+    assert plan(cfg, folder, Hardware(8, 1, 80)).startup.mode == "whole"
+    (folder / "model.safetensors").write_bytes(b"0" * 12345)
+    p = plan(cfg, folder, Hardware(8, 1, 80))
+    assert p.startup.mode == "sharded"
+    assert p.model.checkpoint_bytes == 12345 and "safetensors" in p.model.checkpoint_source
+
+
+def test_cli_prints_the_startup_of_every_engine(capsys):
+    recipe = str(REPO / "configs" / "mixtral-8x7b.yaml")
+    path = f"model.path={CONFIGS / 'mixtral-8x7b'}"
+    assert main(["plan", recipe, path, "distributed.engine=fsdp2", "--gpus", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "start-up (loading the model, before the first step), per rank:" in table
+    rows = table.split("start-up peak per rank, by engine")[1].splitlines()[2:7]
+    assert rows[0].startswith("* FSDP2 ") and "sharded 1/8" in rows[0]
+    assert sum("replicated: the whole model on every rank" in r for r in rows) == 3  # ZeRO 0, 1 and 2
+    assert main(["plan", recipe, path, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["startup"]["mode"] == "rank0_reads" and out["startup"]["replicates"] is False
+    assert len(out["startup_by_engine"]) == 4 and out["startup_fits"] is True
+    assert all(row["host_total"] > 0 and row["device_total"] > 0 for row in out["startup_by_engine"])

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+DEVICE_MAP_HELP = (
+    "how the model is placed: 'none' puts it whole on one device (--device); 'auto' lets accelerate spread "
+    "its layers over the visible GPUs, then CPU memory, as from_pretrained(device_map='auto') does, for a "
+    "model larger than one GPU; the inputs go to the device of its embedding. With several GPUs visible "
+    "'auto' splits even a small model across them (name --device, or set CUDA_VISIBLE_DEVICES, to keep it "
+    "on one). Default: auto when a GPU is visible and --device is not given, else none"
+)
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `moe-recipes generate` and `moe-recipes eval`."""
@@ -53,6 +61,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="weight dtype (default auto: bf16 where the device computes it natively: GPUs with bf16 units, "
         "CPUs with AVX-512-BF16 or AMX; fp32 elsewhere)",
     )
+    p.add_argument("--device-map", choices=["none", "auto"], default=None, help=DEVICE_MAP_HELP)
     p.set_defaults(handler=_run_generate)
 
 
@@ -70,6 +79,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         stream=True,
         device=args.device,
         dtype=args.dtype,
+        device_map=args.device_map,
     )
     return 0
 
@@ -132,7 +142,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="compute precision: bf16 autocast over fp32 weights, or fp32 (default auto: bf16 where the "
         "device computes it natively, fp32 elsewhere)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="weight dtype (default auto: bf16 when --precision resolves to bf16, which halves the memory of "
+        "a large model, else fp32); fp32 keeps fp32 weights under bf16 autocast, exactly as training "
+        "computes, to reproduce a run's valid_loss",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: a GPU if any)")
+    p.add_argument("--device-map", choices=["none", "auto"], default=None, help=DEVICE_MAP_HELP)
     p.set_defaults(handler=_run_eval)
 
 
@@ -154,6 +173,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         reset_attention_mask=args.reset_attention_mask,
         precision=args.precision,
         device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
     )
     print(result.summary(args.which))
     return 0

@@ -90,8 +90,11 @@ def eval_dataset(
 
 
 def _loss_sum(model: Any, batch: dict[str, torch.Tensor], chunk_size: int, bf16: bool) -> tuple[float, int]:
-    """Summed token cross-entropy of one batch, computed as the trainer's objective does."""
-    device = next(model.parameters()).device
+    """Summed token cross-entropy of one batch, computed as the trainer's objective does. On a model spread
+    by accelerate the inputs go to the embedding's device and the last hidden state to the LM head's."""
+    from moe_recipes.infer.generate import input_device, module_device
+
+    device = input_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
     autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
     if bf16:  # as the trainer's objective computes: the routed experts' grouped_mm in bf16 too
@@ -104,9 +107,10 @@ def _loss_sum(model: Any, batch: dict[str, torch.Tensor], chunk_size: int, bf16:
             attention_mask=batch.get("attention_mask"),
             use_cache=False,
         )
+        head = model.get_output_embeddings()
         loss, tokens = chunked_causal_lm_loss(
-            out.last_hidden_state,
-            model.get_output_embeddings(),
+            out.last_hidden_state.to(module_device(head)),
+            head,
             batch["labels"],
             chunk_size=chunk_size,
             **lm_head_spec(model),
@@ -158,25 +162,31 @@ def evaluate_perplexity(
     precision: str = "auto",
     device: str | None = None,
     progress: bool = True,
+    dtype: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
 ) -> PerplexityResult:
     """Load the folder and evaluate it on the `which` split of `data` (see the module docstring).
 
-    precision: "auto" (bf16 autocast where the device computes bf16 natively, else fp32), "fp32" or "bf16"; weights stay fp32, as in
-    training.
+    precision: "auto" (bf16 autocast where the device computes bf16 natively, else fp32), "fp32" or "bf16".
+    dtype: the weights' dtype; "auto" is the precision's (bf16 weights with bf16 compute, which halves a
+    large model's memory), "fp32" keeps fp32 weights under bf16 autocast, exactly as training computes.
+    device_map, max_memory, offload_folder: as `generate.load_for_inference` (accelerate's placement).
     """
-    from moe_recipes.infer.generate import pick_device
-    from moe_recipes.models.loading import load_model
+    from moe_recipes.infer.generate import DTYPES, load_inference_model, pick_device
     from moe_recipes.precision import PRECISIONS, resolve_precision
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if reset_attention_mask and not reset_position_ids:
         raise ValueError("reset_attention_mask needs reset_position_ids (as data.reset_attention_mask does)")
     dataset, count = eval_dataset(data, split, seq_length, seed, which, max_samples, cache_dir)
-    dev = pick_device(device)
-    model = load_model(str(model_dir), dtype=torch.float32, device=dev)
-    model.eval()
-    bf16 = resolve_precision(precision, dev).bf16
+    bf16 = resolve_precision(precision, pick_device(device)).bf16
+    weights = ("bf16" if bf16 else "fp32") if dtype == "auto" else dtype
+    model = load_inference_model(model_dir, device, weights, device_map, max_memory, offload_folder)
     return perplexity(
         model,
         dataset,

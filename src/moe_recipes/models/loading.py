@@ -12,7 +12,9 @@ The folder may be one written by ``init-model``, a hub download or a converted c
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -58,13 +60,20 @@ def load_model(
     experts_implementation: str = "grouped_mm",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | None = None,
 ) -> PreTrainedModel:
     """Load the model folder at ``path`` with the chosen attention/experts kernels, dtype and device.
 
     ``experts_implementation`` is ignored for models whose class cannot switch it (dense models).
+    With ``device_map`` (e.g. ``"auto"``: accelerate places the modules over the visible GPUs, then the CPU,
+    then ``offload_folder`` on disk, within ``max_memory`` per device) ``device`` is not used: the model is
+    left where ``from_pretrained`` placed it (inference only; training shards through its engine).
     Raises ``FileNotFoundError`` for a missing folder or config, ``ValueError`` for an unavailable
-    attention kernel or an unknown experts implementation. The model is returned in eval mode
-    (transformers' default); the trainer switches it to train mode.
+    attention kernel or an unknown experts implementation, ``ImportError`` when a device map needs
+    accelerate and it is missing. The model is returned in eval mode (transformers' default); the trainer
+    switches it to train mode.
     """
     folder = Path(path)
     _check_folder(folder)
@@ -73,5 +82,10 @@ def load_model(
     kwargs: dict[str, object] = {"attn_implementation": attn_implementation, "dtype": dtype}
     if _model_class_supports_experts_choice(config):
         kwargs["experts_implementation"] = experts_implementation
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise ImportError(f"device_map={device_map!r} needs accelerate: pip install accelerate")
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+        return AutoModelForCausalLM.from_pretrained(str(folder), config=config, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, **kwargs)
     return model.to(device)

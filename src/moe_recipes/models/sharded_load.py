@@ -35,21 +35,30 @@ from moe_recipes.hf_layout import FileTensor, released_layout
 from moe_recipes.models.loading import _check_attention, _check_folder, _model_class_supports_experts_choice
 
 
+def has_safetensors(folder: str | Path) -> bool:
+    """Whether the Hugging Face folder holds safetensors weights (one file, or an index of shards)."""
+    folder = Path(folder)
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+
+
+def whole_load_reason(cfg: Any, safetensors: bool) -> str | None:
+    """Why FSDP2 training would load the whole model on every rank instead of starting sharded (None when it
+    starts sharded): CPU offload, or weights that are not safetensors. Pure, so `plan` asks it too."""
+    if cfg.distributed.fsdp_cpu_offload:
+        return "distributed.fsdp_cpu_offload"
+    if not safetensors:
+        return f"{cfg.model.path} holds no safetensors weights"
+    return None
+
+
 def starts_sharded(cfg: Any) -> bool:
     """Whether training builds the model on meta and reads only each rank's shards: FSDP2 (with or without
     expert parallelism) from a safetensors folder, without CPU offload. Otherwise every rank loads the whole
     model first (DeepSpeed, which replicates or partitions it itself), with a message where FSDP2 could not."""
-    d = cfg.distributed
-    if d.engine != "fsdp2":
+    if cfg.distributed.engine != "fsdp2":
         return False
-    folder = Path(cfg.model.path)
-    safetensors = (folder / "model.safetensors").is_file() or (
-        folder / "model.safetensors.index.json"
-    ).is_file()
-    if d.fsdp_cpu_offload or not safetensors:
-        why = (
-            "distributed.fsdp_cpu_offload" if d.fsdp_cpu_offload else f"{folder} holds no safetensors weights"
-        )
+    why = whole_load_reason(cfg, has_safetensors(cfg.model.path))
+    if why is not None:
         print(f"[moe-recipes] loading the whole model on every rank before sharding ({why})", flush=True)
         return False
     return True

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,38 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+_IMPORTED_AT = time.monotonic()  # fallback origin where /proc cannot say when the process started
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (its launch: the rank's own process under torchrun or mpirun).
+
+    Linux: the process's start time (`/proc/self/stat`, clock ticks since boot) against the time since boot
+    (`/proc/uptime`), both on the boot clock, 10 ms resolution. Elsewhere: since this module was first
+    imported, which is later than the launch (an underestimate by the imports before it).
+    """
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        # field 22, starttime; split after the name, which may hold spaces
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED_AT
+
+
+def per_rank_text(values: list[float], unit: str = "GiB", each_up_to: int = 8) -> str:
+    """`rank 0 1.21, rank 1 1.19 GiB` for a few ranks; min and max (with their ranks) for many."""
+    if len(values) <= each_up_to:
+        return ", ".join(f"rank {r} {v:.2f}" for r, v in enumerate(values)) + f" {unit}"
+    low = min(range(len(values)), key=values.__getitem__)
+    high = max(range(len(values)), key=values.__getitem__)
+    return (
+        f"min {values[low]:.2f} {unit} (rank {low}), max {values[high]:.2f} {unit} (rank {high}) "
+        f"over {len(values)} ranks"
+    )
 
 
 def expert_load_summary(counts: torch.Tensor) -> tuple[list[list[float]], list[float]]:

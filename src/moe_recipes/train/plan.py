@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from moe_recipes.config import Config
+from moe_recipes.train.plan_startup import StartupPeak, checkpoint_bytes, startup_by_engine
 
 GIB = 2**30
 HEADROOM = 0.10  # fraction of device memory kept free for the CUDA context, NCCL and fragmentation
@@ -97,6 +99,11 @@ class ModelShape:
     top_k: int
     largest_layer_expert_params: int = 0  # the routed experts (fused 3-D weights) of the largest layer
     routed_expert_params: int = 0  # the routed experts of all layers
+    largest_tensor: int = (
+        0  # elements of the largest parameter (the fused experts of a layer, for MoE models)
+    )
+    checkpoint_bytes: int = 0  # the weight files, in the checkpoint's own dtype
+    checkpoint_source: str = ""  # how checkpoint_bytes was known (files, or config.json's dtype)
 
 
 @dataclass
@@ -112,6 +119,9 @@ class MemoryPlan:
     device: dict[str, int] = field(default_factory=dict)  # kind -> bytes on the accelerator
     host: dict[str, int] = field(default_factory=dict)  # kind -> bytes offloaded to CPU memory (per rank)
     notes: list[str] = field(default_factory=list)
+    # the model load before the first step, of this engine and of the others (`train.plan_startup`)
+    startup: StartupPeak | None = None
+    startup_by_engine: list[StartupPeak] = field(default_factory=list)
 
     @property
     def device_total(self) -> int:
@@ -127,7 +137,13 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
+        """Whether the step fits on the GPU (the start-up is `startup_fits`)."""
         return self.device_total <= self.usable_bytes
+
+    @property
+    def startup_fits(self) -> bool:
+        """Whether the model load before the first step fits on the GPU."""
+        return self.startup is None or self.startup.device_total <= self.usable_bytes
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -138,8 +154,17 @@ class MemoryPlan:
             usable_bytes=self.usable_bytes,
             headroom=HEADROOM,
             fits=self.fits,
+            startup_fits=self.startup_fits,
         )
+        if self.startup is not None:
+            _add_totals(out["startup"], self.startup)
+        for entry, peak in zip(out["startup_by_engine"], self.startup_by_engine):
+            _add_totals(entry, peak)
         return out
+
+
+def _add_totals(entry: dict[str, Any], peak: StartupPeak) -> None:
+    entry.update(host_total=peak.host_total, device_total=peak.device_total, replicates=peak.replicates)
 
 
 def meta_model(model_config: Any) -> nn.Module:
@@ -192,6 +217,8 @@ def model_shape(model: nn.Module, cfg: Config) -> ModelShape:
     acts = [_layer_activations(layer, max(info.top_k, 1)) for layer in layers]
     embedding = model.get_input_embeddings().weight
     text = model.config.get_text_config()
+    total = counts["total"]
+    ckpt, source = checkpoint_bytes(None, total, getattr(model.config, "dtype", None))
     return ModelShape(
         total_params=counts["total"],
         trainable_params=trainable,
@@ -209,17 +236,36 @@ def model_shape(model: nn.Module, cfg: Config) -> ModelShape:
         top_k=info.top_k,
         largest_layer_expert_params=expert_sizes[layer_sizes.index(max(layer_sizes))] if layers else 0,
         routed_expert_params=counts["routed_experts"],
+        largest_tensor=max((p.numel() for p in model.parameters()), default=0),
+        checkpoint_bytes=ckpt,
+        checkpoint_source=source,
     )
 
 
 def plan(cfg: Config, model_config: Any, hardware: Hardware) -> MemoryPlan:
     """The memory plan of ``cfg`` for the model of ``model_config`` (config or folder) on ``hardware``."""
     hardware.validate()
-    return plan_for_shape(cfg, model_shape(meta_model(model_config), cfg), hardware)
+    shape = model_shape(meta_model(model_config), cfg)
+    safetensors = True  # a folder with only config.json (weights not there yet) is planned as safetensors
+    if isinstance(model_config, (str, Path)) and Path(model_config).is_dir():
+        folder = Path(model_config)
+        from moe_recipes.models.sharded_load import has_safetensors
+
+        weights = any(
+            next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth")
+        )
+        safetensors = has_safetensors(folder) or not weights
+        found, source = checkpoint_bytes(folder, shape.total_params, None)
+        if source.endswith("file(s)"):
+            shape.checkpoint_bytes, shape.checkpoint_source = found, source
+    return plan_for_shape(cfg, shape, hardware, safetensors)
 
 
-def plan_for_shape(cfg: Config, shape: ModelShape, hardware: Hardware) -> MemoryPlan:
-    """The arithmetic of `plan`, given the model's shape (pure: no model, no I/O)."""
+def plan_for_shape(
+    cfg: Config, shape: ModelShape, hardware: Hardware, safetensors: bool = True
+) -> MemoryPlan:
+    """The arithmetic of `plan`, given the model's shape (pure: no model, no I/O); `safetensors`: whether
+    the model folder holds safetensors weights (FSDP2 starts sharded only from those)."""
     from moe_recipes.train.engine import gradient_accumulation_steps
 
     world = hardware.world_size
@@ -233,7 +279,7 @@ def plan_for_shape(cfg: Config, shape: ModelShape, hardware: Hardware) -> Memory
     check_expert_parallel(d.expert_parallel_size, world, shape.num_experts)
     out = MemoryPlan(
         hardware=hardware,
-        engine=_engine_name(cfg, shard, world),
+        engine=engine_name(cfg, shard, world),
         shard_size=shard,
         grad_accum=gradient_accumulation_steps(cfg, world),
         tokens_per_micro_batch=cfg.train.micro_batch_size * cfg.data.seq_length,
@@ -242,10 +288,12 @@ def plan_for_shape(cfg: Config, shape: ModelShape, hardware: Hardware) -> Memory
     (_fsdp_states if fsdp else _deepspeed_states)(out, cfg)
     _activations(out, cfg)
     _lm_head(out, cfg)
+    rows = startup_by_engine(cfg, shape, world, hardware.gpus_per_node, safetensors)
+    out.startup, out.startup_by_engine = rows[0], rows[1:]
     return out
 
 
-def _engine_name(cfg: Config, shard: int, world: int) -> str:
+def engine_name(cfg: Config, shard: int, world: int) -> str:
     d = cfg.distributed
     if d.engine == "deepspeed":
         offload = [k for k in ("offload_optimizer", "offload_params") if getattr(d, k)]

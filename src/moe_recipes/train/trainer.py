@@ -47,6 +47,8 @@ from moe_recipes.train.metrics import (
     expert_load_summary,
     peak_memory_gb,
     peak_rss_bytes,
+    per_rank_text,
+    process_age_seconds,
 )
 from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective, loss_chunk_tokens
 from moe_recipes.train.plan_report import warn_if_over_memory
@@ -77,6 +79,8 @@ class Run:
     iteration: int = 0
     consumed_samples: int = 0
     keep_alive: list[Any] = field(default_factory=list)
+    startup_seconds: float = 0.0  # set-up of the process group, model, engine and data (the start-up line)
+    steps_run: int = 0  # steps this process has run (0 until its first step: the first-step line)
 
     @property
     def is_main(self) -> bool:
@@ -190,7 +194,9 @@ def _setup(cfg: Config) -> Run:
         valid_ds=data.valid,
         writer=writer,
         keep_alive=keep_alive,
+        startup_seconds=time.perf_counter() - started,
     )
+    host_peaks = _per_rank(peak_rss_bytes() / 2**30, device)  # a collective: every rank, before the prints
     if run.is_main:
         cfg.save(writer.dir / "config.yaml")
         comm = getattr(engine, "communication_data_type", None)  # what DeepSpeed will actually reduce in
@@ -212,8 +218,8 @@ def _setup(cfg: Config) -> Run:
             + ("partitioned" if use_ds and d.zero_stage == 3 else "replicated" if use_ds else "sharded")
         )
         run.print(
-            f"[moe-recipes] start-up {time.perf_counter() - started:.1f} s ({loaded}); "
-            f"peak host memory on rank 0 {peak_rss_bytes() / 2**30:.2f} GiB"
+            f"[moe-recipes] start-up {run.startup_seconds:.1f} s, {process_age_seconds():.1f} s after "
+            f"process start ({loaded}); peak host memory per rank: {per_rank_text(host_peaks)}"
         )
     _maybe_resume(run, checks.resume_from)
     return run
@@ -299,6 +305,36 @@ def _train_batches(run: Run) -> Iterator[dict[str, torch.Tensor]]:
     )
     for batch in loader:
         yield {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _per_rank(value: float, device: torch.device) -> list[float]:
+    """Every rank's `value`, in rank order, on every rank (one all-reduce of a world-size vector)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    values = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    values[dist.get_rank()] = value
+    dist.all_reduce(values)
+    return values.tolist()
+
+
+def _report_first_step(run: Run, step_seconds: float) -> None:
+    """After this process's first optimizer step: when it ended (from process start) and every rank's peak
+    device and host memory so far, which the start-up line cannot know yet. A collective: every rank."""
+    since_start = process_age_seconds()
+    host = _per_rank(peak_rss_bytes() / 2**30, run.device)
+    if run.device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(run.device) / 2**30
+        device_text = f"(torch.cuda.max_memory_allocated) {per_rank_text(_per_rank(allocated, run.device))}"
+    else:
+        device_text = (
+            f"none, a {run.device.type} run (parameters, optimizer states and activations are in host "
+            "memory, counted in the host peak)"
+        )
+    run.print(
+        f"[moe-recipes] first step of this process (step {run.iteration}) done {since_start:.1f} s after "
+        f"process start (start-up {run.startup_seconds:.1f} s, the step {step_seconds:.1f} s); peak device "
+        f"memory per rank: {device_text}; peak host memory per rank: {per_rank_text(host)}"
+    )
 
 
 def _all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -546,6 +582,8 @@ def _loop(run: Run, stop: StopRequest) -> int:
             return EXIT_NONFINITE
         run.iteration += 1
         run.consumed_samples += cfg.train.global_batch_size
+        run.steps_run += 1
+        step_seconds = time.perf_counter() - start
         if result["nonfinite"]:
             run.print(f"[moe-recipes] non-finite loss at step {run.iteration}: update skipped")
         if run.iteration % cfg.log.interval == 0 or run.iteration == cfg.train.iters:
@@ -558,6 +596,8 @@ def _loop(run: Run, stop: StopRequest) -> int:
                 run.print(line)
         if bar:
             bar.update(1)
+        if run.steps_run == 1:  # after the step's own logging, so its timing does not include this report
+            _report_first_step(run, step_seconds)
         done = run.iteration == cfg.train.iters
         if (cfg.eval.interval and run.iteration % cfg.eval.interval == 0) or done:
             _log_eval(run)

@@ -44,13 +44,18 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_recipes.config import Config
-from moe_recipes.distributed.expert_parallel import EPLayout, check_expert_parallel, shard_experts
+from moe_recipes.distributed.expert_parallel import (
+    EP_GLOBAL_SHAPE,
+    EPLayout,
+    check_expert_parallel,
+    shard_experts,
+)
 from moe_recipes.models.inspect import MoEInfo
 from moe_recipes.train.grad_norm import clip_to, squared_sum
 
-# Attributes set on every expert-parallel parameter (besides DeepSpeed's `allreduce` and `group_name`)
+# Set on every expert-parallel parameter (besides DeepSpeed's `allreduce` and `group_name`, and shard_experts'
+# EP_GLOBAL_SHAPE, the shape of the whole tensor)
 EP_GROUP = "ep_group"  # the EP process group its slices are spread over
-EP_GLOBAL_SHAPE = "ep_global_shape"  # the shape of the whole tensor (all experts)
 
 
 def group_name(ep: int) -> str:
@@ -82,14 +87,13 @@ def create_groups(ep: int) -> Any:
     return groups._get_expert_parallel_group(name)
 
 
-def mark_expert_params(modules: list[nn.Module], ep: int, group: Any, num_experts: int) -> None:
-    """DeepSpeed's MoE marks on the experts modules' parameters, plus the EP group and global shape."""
+def mark_expert_params(modules: list[nn.Module], ep: int, group: Any) -> None:
+    """DeepSpeed's MoE marks on the experts modules' parameters, plus the EP group."""
     for module in modules:
         for p in module.parameters(recurse=False):
             p.allreduce = False  # type: ignore[attr-defined]
             p.group_name = group_name(ep)  # type: ignore[attr-defined]
             setattr(p, EP_GROUP, group)
-            setattr(p, EP_GLOBAL_SHAPE, torch.Size((num_experts, *p.shape[1:])))
 
 
 def gather_expert_param(p: torch.Tensor, dst: int | None = None) -> torch.Tensor | None:
@@ -252,12 +256,22 @@ def check_deepspeed_config(cfg: Config, ds_config: dict[str, Any] | None = None)
 
 
 def initialize_expert_parallel(
-    module: nn.Module, cfg: Config, ds_config: dict[str, Any], info: MoEInfo
+    module: nn.Module,
+    cfg: Config,
+    ds_config: dict[str, Any],
+    info: MoEInfo,
+    weights: str | None = None,
+    device: torch.device | None = None,
 ) -> tuple[Any, Any]:
     """Cut the experts of the model `info` describes over EP groups, mark them for DeepSpeed and wrap
-    `module` (the trainer's objective) in the expert-parallel DeepSpeed engine; returns (engine, optimizer)."""
+    `module` (the trainer's objective) in the expert-parallel DeepSpeed engine; returns (engine, optimizer).
+
+    With `weights` (a Hugging Face folder) the module is on the ``meta`` device: after the cut each rank
+    materialises its experts and the replicated rest on `device` and reads only those rows from the folder
+    (`models.sharded_load`)."""
     import deepspeed
 
+    from moe_recipes.models.sharded_load import materialise_and_fill
     from moe_recipes.train.engine import build_optimizer
 
     ep = cfg.distributed.expert_parallel_size
@@ -267,7 +281,9 @@ def initialize_expert_parallel(
     group = create_groups(ep)
     layout = EPLayout(ep, dist.get_rank() % ep, info.num_experts)
     modules = shard_experts(info, layout, group)
-    mark_expert_params(modules, ep, group, info.num_experts)
+    if weights is not None:
+        materialise_and_fill(module, getattr(module, "model", module), weights, device or torch.device("cpu"))
+    mark_expert_params(modules, ep, group)  # after materialising: to_empty makes new parameters
     if not any(p.requires_grad for m in modules for p in m.parameters(recurse=False)):
         # DeepSpeed's MoE handling needs an optimizer group of expert parameters
         raise ValueError(

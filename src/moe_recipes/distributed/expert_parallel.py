@@ -43,6 +43,11 @@ from torch.distributed.tensor import DTensor
 
 from moe_recipes.models.inspect import MoEInfo
 
+# Marks on an expert parameter cut to a plain tensor (not a DTensor, which knows its place itself): the
+# whole tensor's shape (all experts) and the first expert this rank holds, read by checkpoints and loaders
+EP_GLOBAL_SHAPE = "ep_global_shape"
+EP_FIRST_EXPERT = "ep_first_expert"
+
 
 @dataclass(frozen=True)
 class EPLayout:
@@ -186,7 +191,8 @@ def shard_experts(
     """Keep this rank's slice of every experts module's parameters and route its forward through EP.
 
     ``to_param`` turns the local slice into the parameter to store (FSDP2: a DTensor sharded over the EP
-    mesh dimension); by default a plain ``nn.Parameter``. Returns the experts modules.
+    mesh dimension); by default a plain ``nn.Parameter``, marked with its place (`EP_GLOBAL_SHAPE`,
+    `EP_FIRST_EXPERT`). Works on ``meta`` models too (nothing is allocated then). Returns the experts modules.
     """
     modules = []
     lo, hi = layout.first_expert, layout.first_expert + layout.local_experts
@@ -212,7 +218,12 @@ def shard_experts(
                     "on its first dimension"
                 )
             local = param.detach()[lo:hi].clone()
-            new = to_param(local) if to_param is not None else nn.Parameter(local)
+            if to_param is not None:
+                new = to_param(local)
+            else:
+                new = nn.Parameter(local)
+                setattr(new, EP_GLOBAL_SHAPE, torch.Size((layout.num_experts, *local.shape[1:])))
+                setattr(new, EP_FIRST_EXPERT, lo)
             new.requires_grad_(param.requires_grad)
             setattr(module, pname, new)
         implementation = type(module).forward

@@ -1,36 +1,44 @@
-"""Start at real size: build the model on ``meta``, shard it, then read only this rank's rows from the folder.
+"""Start at real size: build the model on ``meta``, shard it, then read only this rank's part from the folder.
 
 `load_model` (``from_pretrained``) materialises the whole model on every rank before an engine shards it: a
 Mixtral-8x7B under FSDP2 would put 187 GB of fp32 weights on each rank first. Here instead:
 
 1. `build_on_meta` builds the Hugging Face model class from the folder's config on the ``meta`` device (no
    memory, no initialisation cost), with the attention and experts kernels `load_model` would choose;
-2. the engine shards it as it is (expert-parallel cut, ``fully_shard``) and calls ``to_empty``, so each rank
-   allocates only its own shards;
-3. `fill_from_folder` reads, for every parameter and persistent buffer, the rows this rank holds (a DTensor's
-   offset and local shape, or the whole tensor) from the safetensors files over their memory map
-   (``get_slice``), through the released layout of `hf_layout.py` (per-expert file tensors become rows of
-   the fused in-memory experts); folders in the in-memory layout (written by earlier versions) are read too;
+2. the engine cuts it as it is and allocates only this rank's part: FSDP2 (expert-parallel cut,
+   ``fully_shard``, ``to_empty``), DeepSpeed expert parallelism (cut, ``to_empty``: `materialise_and_fill`)
+   or ZeRO-3 (each parameter becomes a ZeRO-3 parameter holding only its flat partition:
+   `train.engine.partition_on_meta`);
+3. `fill_from_folder` reads, for every parameter and persistent buffer, what this rank holds (`_part_held`: a
+   DTensor's rows, an expert-parallel slice's rows, the file rows that cover a ZeRO-3 partition, or the
+   whole tensor) from the safetensors files over their memory map (``get_slice``), through the released
+   layout of `hf_layout.py` (per-expert file tensors become rows of the fused in-memory experts); folders in
+   the in-memory layout (written by earlier versions) are read too;
 4. what the folder lacks is initialised as ``from_pretrained`` initialises it: the model's own
    ``initialize_weights``, which leaves every loaded tensor alone (transformers' ``_is_hf_initialized``
    flags) and computes the non-persistent buffers (rotary ``inv_freq``).
 
-The parameters equal ``from_pretrained``'s bit for bit (tested for every family, 1, 2 and 4 processes, with
-and without expert parallelism, bf16 and fp32 files).
+`start_mode` says which of these the trainer uses, and falls back to `load_model` with a message where none
+applies (a folder without safetensors, for one). The parameters equal ``from_pretrained``'s bit for bit
+(tested for every family, 1, 2 and 4 processes, FSDP2 with and without expert parallelism, ZeRO-3 and
+DeepSpeed expert parallelism, bf16 and fp32 files).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from moe_recipes.distributed.expert_parallel import EP_FIRST_EXPERT, EP_GLOBAL_SHAPE
 from moe_recipes.hf_layout import FileTensor, released_layout
 from moe_recipes.models.loading import _check_attention, _check_folder, _model_class_supports_experts_choice
 
@@ -51,19 +59,6 @@ def whole_load_reason(cfg: Any, safetensors: bool) -> str | None:
     return None
 
 
-def starts_sharded(cfg: Any) -> bool:
-    """Whether training builds the model on meta and reads only each rank's shards: FSDP2 (with or without
-    expert parallelism) from a safetensors folder, without CPU offload. Otherwise every rank loads the whole
-    model first (DeepSpeed, which replicates or partitions it itself), with a message where FSDP2 could not."""
-    if cfg.distributed.engine != "fsdp2":
-        return False
-    why = whole_load_reason(cfg, has_safetensors(cfg.model.path))
-    if why is not None:
-        print(f"[moe-recipes] loading the whole model on every rank before sharding ({why})", flush=True)
-        return False
-    return True
-
-
 def build_on_meta(
     path: str, *, attn_implementation: str = "sdpa", experts_implementation: str = "grouped_mm"
 ) -> PreTrainedModel:
@@ -78,6 +73,84 @@ def build_on_meta(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     return model.eval()  # as from_pretrained returns it; the trainer switches to train mode
+
+
+# How training starts the model (`start_mode`), as the trainer's start-up line says it
+WHOLE = "whole"  # load_model: the whole model on every rank, then the engine replicates/partitions/shards it
+SHARDED = "sharded"  # FSDP2: meta, fully_shard (and EP cut), each rank reads its shards' rows
+PARTITIONED = "partitioned"  # ZeRO-3: meta, each parameter partitioned, each rank reads its partition
+EXPERTS = "experts"  # DeepSpeed EP (ZeRO 0-2): meta, EP cut, each rank reads its experts and the rest
+
+START_NOTES = {
+    SHARDED: "built on meta, each rank read only its shards",
+    PARTITIONED: "built on meta, partitioned by ZeRO-3, each rank read only its partition",
+    EXPERTS: "built on meta, each rank read only its experts and the replicated rest",
+}
+
+
+def start_mode(cfg: Any, ds_config: dict[str, Any] | None = None) -> str:
+    """How training builds and loads the model (`WHOLE`, `SHARDED`, `PARTITIONED` or `EXPERTS`).
+
+    Each rank reads only its part of a safetensors folder under FSDP2 (without CPU offload), ZeRO-3 (with
+    the DeepSpeed JSON `ds_config` keeping fp32 parameters, no NVMe offload, hpZ or quantized weights) and
+    DeepSpeed expert parallelism; ZeRO 0-2 without EP replicate the model by design and load it whole. Where
+    direct reading cannot apply, one line says why and every rank loads the whole model first."""
+    d = cfg.distributed
+    if d.engine == "fsdp2":
+        mode, why = SHARDED, "distributed.fsdp_cpu_offload" if d.fsdp_cpu_offload else None
+    elif d.expert_parallel_size > 1:
+        mode, why = EXPERTS, None
+    elif d.zero_stage == 3:
+        mode, why = PARTITIONED, _zero3_obstacle(ds_config or {})
+    else:
+        return WHOLE
+    folder = Path(cfg.model.path)
+    if why is None and not has_safetensors(folder):
+        why = f"{folder} holds no safetensors weights"
+    if why is not None:
+        then = {SHARDED: "sharding", PARTITIONED: "partitioning", EXPERTS: "cutting the experts"}[mode]
+        print(f"[moe-recipes] loading the whole model on every rank before {then} ({why})", flush=True)
+        return WHOLE
+    return mode
+
+
+def _zero3_obstacle(ds_config: dict[str, Any]) -> str | None:
+    """Why a ZeRO-3 run cannot start partitioned from the files (None: it can). Those DeepSpeed settings
+    change what a partition holds (half-precision parameters, NVMe-swapped, secondary or quantized copies)."""
+    zero = ds_config.get("zero_optimization", {})
+    for key in ("bf16", "fp16"):
+        if ds_config.get(key, {}).get("enabled"):
+            return f"the DeepSpeed config enables {key}: its parameters are not fp32"
+    if (zero.get("offload_param") or {}).get("device") == "nvme":
+        return "zero_optimization.offload_param.device=nvme"
+    if zero.get("zero_hpz_partition_size", 1) > 1:
+        return "zero_optimization.zero_hpz_partition_size > 1"
+    for key in ("zero_quantized_weights", "zero_quantized_nontrainable_weights"):
+        if zero.get(key):
+            return f"zero_optimization.{key}"
+    return None
+
+
+def materialise(module: nn.Module, device: torch.device | str) -> None:
+    """`to_empty` on `device`, keeping the expert-parallel marks of the parameters (`to_empty` replaces meta
+    parameters with new ones)."""
+    marks = {
+        name: {k: getattr(p, k) for k in (EP_FIRST_EXPERT, EP_GLOBAL_SHAPE) if hasattr(p, k)}
+        for name, p in module.named_parameters()
+    }
+    module.to_empty(device=device)
+    for name, p in module.named_parameters():
+        for key, value in marks[name].items():
+            setattr(p, key, value)
+
+
+def materialise_and_fill(
+    module: nn.Module, model: nn.Module, folder: str | Path, device: torch.device
+) -> FillReport:
+    """Allocate `module`'s parts (sharded, cut: whatever it holds now) on `device` and fill them from `folder`;
+    `model` is the Hugging Face model inside it."""
+    materialise(module, device)
+    return fill_from_folder(model, folder)
 
 
 @dataclass
@@ -107,10 +180,29 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def _rows_held(tensor: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...]]:
-    """(the local tensor, the first global row it holds, the global shape); only row-sharded tensors."""
+@dataclass
+class _Part:
+    """What this rank holds of one tensor of global `shape`: rows ``start : start + local.shape[0]`` (dim 0) of
+    it, or, with `flat`, elements ``start : start + local.numel()`` of the flattened tensor (ZeRO-3's
+    partition: the tail beyond the tensor's end is padding)."""
+
+    local: torch.Tensor
+    start: int
+    shape: tuple[int, ...]
+    flat: bool = False
+
+
+def _part_held(tensor: torch.Tensor) -> _Part:
+    """Where this rank's part of `tensor` lies: a ZeRO-3 partition, a DTensor sharded along dim 0, a DeepSpeed
+    expert-parallel slice, or the whole tensor."""
+    if getattr(tensor, "ds_tensor", None) is not None:  # ZeRO-3: rank r holds flat elements [r*P, (r+1)*P)
+        part = tensor.ds_tensor
+        rank = dist.get_rank(group=tensor.ds_process_group)
+        return _Part(part, rank * part.ds_numel, tuple(tensor.ds_shape), flat=True)
+    if hasattr(tensor, EP_FIRST_EXPERT):  # cut by shard_experts, a plain tensor
+        return _Part(tensor.data, getattr(tensor, EP_FIRST_EXPERT), tuple(getattr(tensor, EP_GLOBAL_SHAPE)))
     if not isinstance(tensor, DTensor):
-        return tensor.data, 0, tuple(tensor.shape)
+        return _Part(tensor.data, 0, tuple(tensor.shape))
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     local = tensor.to_local()
@@ -120,7 +212,7 @@ def _rows_held(tensor: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...]
             f"a parameter of shape {tuple(tensor.shape)} is sharded as {tensor.placements}: only sharding "
             "along the first dimension can be read directly"
         )
-    return local, offset[0], tuple(tensor.shape)
+    return _Part(local, offset[0], tuple(tensor.shape))
 
 
 class _Files:
@@ -138,6 +230,10 @@ class _Files:
             self._handles[path] = safe_open(str(path), "pt")
         return self._handles[path].get_slice(name)[index]
 
+    def close(self) -> None:
+        """Drop the handles (and their memory maps, whose touched pages count as this process's memory)."""
+        self._handles.clear()
+
 
 def _pieces_in_folder(
     name: str, pieces: tuple[FileTensor, ...], shape: tuple[int, ...], files: dict[str, Path]
@@ -153,49 +249,102 @@ def _pieces_in_folder(
 
 @torch.no_grad()
 def fill_from_folder(model: nn.Module, folder: str | Path) -> FillReport:
-    """Fill `model`'s materialised (``to_empty``) parameters and buffers from the Hugging Face `folder`,
-    reading only the rows this rank holds; then initialise what the folder lacks, as from_pretrained does.
+    """Fill `model`'s materialised parameters and buffers from the Hugging Face `folder`, reading only the part
+    this rank holds of each (`_part_held`); then initialise what the folder lacks, as from_pretrained does.
 
-    `model` is the Hugging Face model (possibly FSDP2-sharded and expert-parallel cut), not a wrapper.
+    `model` is the Hugging Face model (possibly FSDP2-sharded, expert-parallel cut or ZeRO-3 partitioned), not
+    a wrapper.
     """
     folder = Path(folder)
     files = _Files(_weight_files(folder))
     unique: dict[int, tuple[str, torch.Tensor]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         unique.setdefault(id(tensor), (name, tensor))
-    held = {name: _rows_held(tensor) for name, tensor in unique.values()}
-    layout = released_layout(model, [(name, shape) for name, (_, _, shape) in held.items()])
+    held = {name: _part_held(tensor) for name, tensor in unique.values()}
+    layout = released_layout(model, [(name, part.shape) for name, part in held.items()])
     read, filled, missing = 0, 0, []
     for name, tensor in unique.values():
-        local, start, shape = held[name]
-        pieces = _pieces_in_folder(name, layout.pieces[name], shape, files.files)
+        part = held[name]
+        pieces = _pieces_in_folder(name, layout.pieces[name], part.shape, files.files)
         if pieces is None:
             missing.append(name)
             continue
-        stop = start + (local.shape[0] if local.dim() else 1)
-        for piece in pieces:
-            hit = piece.rows(start, stop) if local.dim() else ((), ())
-            if hit is None:
-                continue
-            file_index, dest = hit
-            value = files.read(piece.name, file_index)
-            read += value.numel() * value.element_size()
-            if local.dim():
-                piece.put(local, value.to(local.dtype), dest)
-            else:
-                local.copy_(value)
+        if part.flat:
+            read += _read_flat(files, pieces, part)
+        else:
+            stop = part.start + (part.local.shape[0] if part.local.dim() else 1)
+            read += _read_rows(files, pieces, part.local, part.start, stop)
         tensor._is_hf_initialized = True  # transformers' init functions leave it alone
         filled += 1
+    files.close()
     _initialise_the_rest(model)
     return FillReport(filled, read, missing)
 
 
+def _read_rows(
+    files: _Files, pieces: tuple[FileTensor, ...], local: torch.Tensor, start: int, stop: int
+) -> int:
+    """Copy rows ``start:stop`` of the in-memory tensor, read from its file tensors, into `local` (which holds
+    just those rows; a 0-dim tensor holds its one value). Returns the bytes read."""
+    read = 0
+    for piece in pieces:
+        hit = piece.rows(start, stop) if local.dim() else ((), ())
+        if hit is None:
+            continue
+        file_index, dest = hit
+        value = files.read(piece.name, file_index)
+        read += value.numel() * value.element_size()
+        if local.dim():
+            piece.put(local, value, dest)  # copy_ converts the file's dtype: no second copy of the rows
+        else:
+            local.copy_(value)
+    return read
+
+
+def _read_flat(files: _Files, pieces: tuple[FileTensor, ...], part: _Part) -> int:
+    """Fill a flat partition (elements ``part.start`` on of the flattened tensor) from the rows that cover it:
+    whole rows straight into the partition, the partial rows at its two ends through a one-row buffer; the
+    padding past the tensor's end is zeroed. Returns the bytes read."""
+    shape = part.shape or (1,)
+    row = math.prod(shape[1:])
+    flat = part.local
+    lo, hi = part.start, min(part.start + flat.numel(), math.prod(shape))
+    flat[max(hi - lo, 0) :].zero_()
+    if lo >= hi:
+        return 0
+    whole_lo, whole_hi = -(-lo // row), hi // row  # the rows inside [lo, hi)
+    read = 0
+    if whole_lo < whole_hi:
+        rows = flat[whole_lo * row - lo : whole_hi * row - lo].view(whole_hi - whole_lo, *shape[1:])
+        read += _read_rows(files, pieces, rows if part.shape else rows.view(()), whole_lo, whole_hi)
+    for r in sorted({lo // row, (hi - 1) // row} - set(range(whole_lo, whole_hi))):
+        buffer = flat.new_empty((1, *shape[1:]))
+        read += _read_rows(files, pieces, buffer, r, r + 1)
+        a, b = max(lo, r * row), min(hi, (r + 1) * row)
+        flat[a - lo : b - lo] = buffer.view(-1)[a - r * row : b - r * row]
+    return read
+
+
 def _initialise_the_rest(model: nn.Module) -> None:
     """Run the model's own initialisation for what was not loaded (non-persistent buffers such as rotary
-    ``inv_freq``, tensors the folder lacks); loaded tensors carry ``_is_hf_initialized`` and are skipped."""
+    ``inv_freq``, tensors the folder lacks); loaded tensors carry ``_is_hf_initialized`` and are skipped.
+
+    ZeRO-3 parameters the folder lacks are gathered around it and rank 0's values kept, as transformers'
+    ``_initialize_missing_keys`` does under ZeRO-3 (a no-op when the folder holds them all)."""
     hf_model = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if hf_model is None:
         raise ValueError(f"{type(model).__name__} holds no Hugging Face model to initialise")
     for module in hf_model.modules():
         module._is_hf_initialized = False  # set when the meta model was built; its values are gone
-    hf_model.initialize_weights()
+    uninitialised = [
+        p
+        for p in hf_model.parameters()
+        if hasattr(p, "ds_id") and not getattr(p, "_is_hf_initialized", False)
+    ]
+    if not uninitialised:
+        hf_model.initialize_weights()
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(uninitialised, modifier_rank=0):
+        hf_model.initialize_weights()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moe_recipes.config import Config, OptimConfig
+from moe_recipes.models.sharded_load import FillReport, fill_from_folder
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -173,3 +174,77 @@ def initialize(
 def set_lr(engine: Any, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def partition_and_fill(model: nn.Module, ds_config: dict[str, Any], weights: str | Path) -> FillReport:
+    """ZeRO-3's partitioned start: partition the ``meta`` `model` (`partition_on_meta`), then read each
+    parameter's partition, and only that, from the Hugging Face folder `weights`."""
+    partition_on_meta(model, ds_config)
+    return fill_from_folder(model, weights)
+
+
+def partition_on_meta(model: nn.Module, ds_config: dict[str, Any]) -> None:
+    """Make every parameter of the ``meta`` `model` a ZeRO-3 parameter that holds only this rank's partition
+    (allocated, not yet filled), and materialise its buffers; as ``deepspeed.zero.Init`` would leave it, without
+    building, initialising or broadcasting any whole tensor. `sharded_load.fill_from_folder` fills it next.
+
+    ``zero.Init`` (like transformers' ``from_pretrained`` under it) creates each module's whole tensors, has rank
+    0 broadcast them and only then keeps each rank's slice. Here DeepSpeed's own conversion
+    (``Init._convert_to_deepspeed_param``: ids, shapes, process group, gather/partition methods) is applied to
+    a stand-in of the full shape that owns one element, the partition is allocated as
+    ``Init._partition_param`` allocates it (rank r holds elements ``[r*P, (r+1)*P)`` of the flattened tensor
+    padded to ``world*P``, ``P = aligned_size / world``) and ``param.partition()`` frees the stand-in.
+    `deepspeed.initialize` then finds ZeRO-3 parameters and uses them as they are.
+    """
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config)  # not entered: its methods convert parameters
+    for name in ("_convert_to_deepspeed_param", "local_device", "remote_device", "dtype"):
+        if not hasattr(init, name):
+            raise RuntimeError(
+                f"the partitioned ZeRO-3 start relies on deepspeed.zero.Init.{name}, which DeepSpeed "
+                f"{deepspeed.__version__} does not have (written for 0.19)"
+            )
+    converted: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, meta in list(module._parameters.items()):
+            if meta is None:
+                continue
+            if id(meta) not in converted:  # tied parameters are one parameter
+                converted[id(meta)] = _zero3_param(init, meta, PartitionedParamStatus.AVAILABLE)
+            module._parameters[key] = converted[id(meta)]
+    buffers: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                if id(buf) not in buffers:
+                    buffers[id(buf)] = torch.empty_like(buf, device=init.local_device)
+                module._buffers[key] = buffers[id(buf)]
+
+
+def _zero3_param(init: Any, meta: nn.Parameter, available: Any) -> nn.Parameter:
+    """One ZeRO-3 parameter of `meta`'s shape and dtype holding an empty partition of this rank."""
+    if meta.dtype != init.dtype and meta.is_floating_point():
+        raise ValueError(f"a {meta.dtype} parameter under a DeepSpeed config for {init.dtype} parameters")
+    stand_in = torch.empty((), dtype=meta.dtype, device=init.local_device).expand(meta.shape)
+    param = nn.Parameter(stand_in, requires_grad=meta.requires_grad)
+    init._convert_to_deepspeed_param(param)
+    world = param.ds_zero_partition_world_size
+    size = param.aligned_size() // world
+    # where Init._partition_param puts it: persistent (small, kept gathered) parameters on the compute device
+    part = torch.empty(
+        size, dtype=param.dtype, device=init.local_device if param.ds_persist else init.remote_device
+    )
+    if init.pin_memory and not param.ds_persist:
+        from deepspeed.accelerator import get_accelerator
+
+        part = get_accelerator().pin_memory(part)
+    part.requires_grad = False
+    part.ds_numel = size
+    part.status = available
+    part.final_location = None
+    param.ds_tensor = part
+    param.ds_numel_aligned = size * world
+    param.partition()  # the partition exists: this frees the stand-in and marks the parameter not available
+    return param

@@ -275,10 +275,9 @@ def shard_and_fill(
         experts = (shard_experts_over_mesh(info, expert_mesh), expert_mesh)
     shard_model(module, cfg, info.decoder_layer_classes, mesh, experts)
     if weights is not None:
-        from moe_recipes.models.sharded_load import fill_from_folder
+        from moe_recipes.models.sharded_load import materialise_and_fill
 
-        module.to_empty(device=device)
-        fill_from_folder(model, weights)
+        materialise_and_fill(module, model, weights, device)
     return mesh
 
 

@@ -34,10 +34,22 @@ from moe_recipes.models.balancing import check_bias_update, measure_global_load,
 from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
 from moe_recipes.models.loading import load_model
-from moe_recipes.models.sharded_load import build_on_meta, starts_sharded
+from moe_recipes.models.sharded_load import (
+    PARTITIONED,
+    START_NOTES,
+    WHOLE,
+    build_on_meta,
+    start_mode,
+)
 from moe_recipes.precision import resolve_precision
 from moe_recipes.train import checkpoint as ckpt_io
-from moe_recipes.train.engine import deepspeed_config, gradient_accumulation_steps, initialize, set_lr
+from moe_recipes.train.engine import (
+    deepspeed_config,
+    gradient_accumulation_steps,
+    initialize,
+    partition_and_fill,
+    set_lr,
+)
 from moe_recipes.train.fsdp_engine import initialize_fsdp
 from moe_recipes.train.grad_norm import squared_sum
 from moe_recipes.train.metrics import (
@@ -124,18 +136,20 @@ def _setup(cfg: Config) -> Run:
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
-    if use_ds and cfg.distributed.zero_stage == 3:
+    load = start_mode(cfg, ds_config)  # built on meta, each rank reading only its part, where that applies
+    if load == WHOLE and use_ds and cfg.distributed.zero_stage == 3:
         # Lets from_pretrained partition the weights while loading instead of materialising them on every rank.
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive.append(HfDeepSpeedConfig(ds_config))
-    sharded_start = starts_sharded(cfg)
-    if sharded_start:  # built on meta; FSDP2 materialises and reads only this rank's shards
+    if load != WHOLE:  # ZeRO-3 partitions and fills here; FSDP2 and DeepSpeed EP fill after their cut
         model = build_on_meta(
             cfg.model.path,
             attn_implementation=cfg.model.attn_implementation,
             experts_implementation=cfg.model.experts_implementation,
         )
+        if load == PARTITIONED:
+            partition_and_fill(model, ds_config, cfg.model.path)
     else:
         model = load_model(
             cfg.model.path,
@@ -167,14 +181,14 @@ def _setup(cfg: Config) -> Run:
         aux_loss_type=cfg.moe.aux_loss_type,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
+    weights = cfg.model.path if load not in (WHOLE, PARTITIONED) else None  # the engine fills after its cut
     if use_ds and d.expert_parallel_size > 1:
-        engine, optimizer = initialize_expert_parallel(objective, cfg, ds_config, info)
+        engine, optimizer = initialize_expert_parallel(objective, cfg, ds_config, info, weights, device)
     elif use_ds:
         engine, optimizer = initialize(
             objective, cfg, ds_config, info.moe_block_classes, model.get_input_embeddings()
         )
     else:
-        weights = cfg.model.path if sharded_start else None
         engine, optimizer = initialize_fsdp(objective, cfg, info, grad_accum, device, weights)
     data = build_training_data(cfg)
     writer = MetricsWriter(
@@ -212,8 +226,8 @@ def _setup(cfg: Config) -> Run:
             f"precision {precision}, gradients reduced in {reduce}"
         )
         loaded = (
-            "built on meta, each rank read only its shards"
-            if sharded_start
+            START_NOTES[load]
+            if load != WHOLE
             else "whole model loaded on every rank, then "
             + ("partitioned" if use_ds and d.zero_stage == 3 else "replicated" if use_ds else "sharded")
         )

@@ -1,20 +1,29 @@
-"""Benchmark: per-rank start-up memory and time of FSDP2, whole-model load vs sharded start, 1 / 2 / 4 ranks.
+"""Benchmark: per-rank start-up memory and time, whole-model load vs reading only each rank's part, 1 / 2 / 4 ranks.
 
 A random Qwen3-MoE (no download; --hidden/--layers/--experts/--expert-width set its size) is saved in bf16, as
 released checkpoints are. Each configuration starts fresh processes (torchrun, gloo, CPU) that do what the
-trainer does at start-up, up to the first step: build the model, cut the experts (EP), `fully_shard` every
-decoder layer and the root, and load the weights, either
+trainer does at start-up, up to the model the engine takes (the optimizer is not built), in two ways per
+`--engine`:
 
-* `whole`: `load_model` (from_pretrained of the whole fp32 model on every rank), then shard it (the trainer's
-  path before the sharded start), or
-* `sharded`: `build_on_meta`, shard, `to_empty`, `fill_from_folder` (the trainer's FSDP2 path now).
+* `fsdp2`: `whole` = `load_model` (from_pretrained of the whole fp32 model on every rank), cut the experts
+  (EP), `fully_shard`; `sharded` = `build_on_meta`, cut, `fully_shard`, `to_empty`, `fill_from_folder`.
+* `zero3`: `whole` = `load_model` under transformers' `HfDeepSpeedConfig` (from_pretrained builds under
+  `deepspeed.zero.Init`: the trainer's ZeRO-3 path before the partitioned start); `partitioned` =
+  `build_on_meta`, `partition_and_fill` (each parameter's flat ZeRO-3 partition, read from the file rows that
+  cover it).
+* `zero2`: DeepSpeed ZeRO 0-2, which replicate the model by design: `whole` = `load_model`; with `--ep 2`
+  also the EP cut (`shard_experts`) after it, against `experts` = `build_on_meta`, cut,
+  `materialise_and_fill` (each rank reads its experts and the replicated rest).
 
 Per rank it records the peak resident set over the start-up minus the resident set after the imports
 (`VmHWM - baseline`, Linux; glibc told to return freed blocks) and the time. The table shows the largest
-rank, and the ratio of that peak on N ranks to the same mode's peak on 1 rank: a load that reads only
-each rank's part gives about 1/N; a load that materialises the whole model on every rank about 1.
+rank, the ratio of that peak on N ranks to the same mode's peak on 1 rank (a load that reads only each rank's
+part gives about 1/N; one that materialises the whole model on every rank about 1), and that peak and the
+peak of the heap alone (`RssAnon`, sampled every millisecond) over the fp32 model's size: a heap peak near 1
+on one rank means no transient second copy of the weights; the rest of the peak is the touched pages of the
+memory-mapped files (page cache, shared by the ranks of a node).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/startup_memory.py [--worlds 1 2 4] [--ep 2]
+    PYTHONPATH=src .venv/bin/python benchmarks/startup_memory.py [--engine fsdp2|zero3|zero2] [--worlds 1 2 4] [--ep 2]
 """
 
 from __future__ import annotations
@@ -40,36 +49,59 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(mode: str, folder: str, ep: int) -> None:
+class _AnonPeak:
+    """The largest anonymous resident set (heap: tensors, not mapped files) seen, sampled every millisecond."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = _rss_kib("RssAnon")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, _rss_kib("RssAnon"))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_kib("RssAnon"))
+
+
+MODES = {"fsdp2": ("whole", "sharded"), "zero3": ("whole", "partitioned"), "zero2": ("whole", "experts")}
+
+
+def child(engine: str, mode: str, folder: str, ep: int) -> None:
     """One rank: start the model as the trainer does in `mode`; print a JSON line with its figures."""
-    import torch
     import torch.distributed as dist
 
-    from moe_recipes.config import Config
-    from moe_recipes.models.inspect import inspect_model
-    from moe_recipes.models.loading import load_model
-    from moe_recipes.models.sharded_load import build_on_meta
-    from moe_recipes.train.fsdp_engine import shard_and_fill
+    if engine == "fsdp2":
+        dist.init_process_group("gloo")
+    else:
+        import deepspeed
 
-    dist.init_process_group("gloo")
+        deepspeed.init_distributed(dist_backend="gloo")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    baseline = _rss_kib("VmRSS")
+    baseline, baseline_anon = _rss_kib("VmRSS"), _rss_kib("RssAnon")
+    anon = _AnonPeak()
     start = time.perf_counter()
-    model = build_on_meta(folder) if mode == "sharded" else load_model(folder)
-    cfg = Config()
-    cfg.distributed.expert_parallel_size = ep
-    shard_and_fill(
-        model, model, cfg, inspect_model(model), torch.device("cpu"), folder if mode == "sharded" else None
-    )
+    model = _start(engine, mode, folder, ep)
     dist.barrier()
     took = time.perf_counter() - start
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    anon.stop()
+    local = 0
+    for p in model.parameters():
+        held = p.ds_tensor if getattr(p, "ds_tensor", None) is not None else p
+        local += held.to_local().numel() if hasattr(held, "to_local") else held.numel()
     print(
         "RESULT "
         + json.dumps(
             {
                 "rank": dist.get_rank(),
                 "peak_mib": (_rss_kib("VmHWM") - baseline) / 1024,
+                "anon_mib": (anon.peak - baseline_anon) / 1024,
                 "seconds": took,
                 "local_params": local,
                 "dtype": str(next(model.parameters()).dtype),
@@ -78,6 +110,50 @@ def child(mode: str, folder: str, ep: int) -> None:
         flush=True,
     )
     dist.destroy_process_group()
+
+
+def _start(engine: str, mode: str, folder: str, ep: int):  # noqa: ANN202
+    """The model as `engine` takes it after the start-up `mode` (see the module docstring)."""
+    import torch
+    import torch.distributed as dist
+
+    from moe_recipes.config import Config
+    from moe_recipes.models.inspect import inspect_model
+    from moe_recipes.models.loading import load_model
+    from moe_recipes.models.sharded_load import build_on_meta, materialise_and_fill
+    from moe_recipes.train.engine import deepspeed_config, partition_and_fill
+    from moe_recipes.train.fsdp_engine import shard_and_fill
+
+    world = dist.get_world_size()
+    cfg = Config()
+    cfg.distributed.expert_parallel_size = ep
+    if engine == "fsdp2":
+        model = build_on_meta(folder) if mode == "sharded" else load_model(folder)
+        weights = folder if mode == "sharded" else None
+        shard_and_fill(model, model, cfg, inspect_model(model), torch.device("cpu"), weights)
+        return model
+    cfg.distributed.zero_stage = 3 if engine == "zero3" else 2
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = 1, world
+    ds_config = deepspeed_config(cfg, world)
+    if engine == "zero3":
+        if mode == "partitioned":
+            model = build_on_meta(folder)
+            partition_and_fill(model, ds_config, folder)
+            return model
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds it weakly)
+        return load_model(folder)
+    model = build_on_meta(folder) if mode == "experts" else load_model(folder)
+    if ep > 1:
+        from moe_recipes.distributed.deepspeed_ep import create_groups
+        from moe_recipes.distributed.expert_parallel import EPLayout, shard_experts
+
+        info = inspect_model(model)
+        shard_experts(info, EPLayout(ep, dist.get_rank() % ep, info.num_experts), create_groups(ep))
+    if mode == "experts":
+        materialise_and_fill(model, model, folder, torch.device("cpu"))
+    return model
 
 
 def make_model(folder: Path, args: argparse.Namespace) -> int:
@@ -110,7 +186,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(mode: str, world: int, folder: Path, ep: int) -> list[dict]:
+def run(engine: str, mode: str, world: int, folder: Path, ep: int) -> list[dict]:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -119,19 +195,20 @@ def run(mode: str, world: int, folder: Path, ep: int) -> list[dict]:
     }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
-        __file__, "--child", mode, str(folder), "--ep", str(ep if world > 1 else 1),
+        __file__, "--child", engine, mode, str(folder), "--ep", str(ep if world > 1 else 1),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     decoder = json.JSONDecoder()  # a rank's line may run on into another rank's output
     rows = [decoder.raw_decode(part)[0] for part in out.stdout.split("RESULT ")[1:]]
     if out.returncode != 0 or len(rows) != world:
-        raise RuntimeError(f"{mode} on {world} ranks failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{engine} {mode} on {world} ranks failed:\n{out.stderr[-3000:]}")
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", nargs=2, metavar=("MODE", "FOLDER"))
+    parser.add_argument("--child", nargs=3, metavar=("ENGINE", "MODE", "FOLDER"))
+    parser.add_argument("--engine", choices=sorted(MODES), default="fsdp2")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size on more than one rank")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -140,8 +217,9 @@ def main() -> None:
     parser.add_argument("--expert-width", type=int, default=512)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.ep)
+        child(*args.child, args.ep)
         return
+    modes = MODES[args.engine] if args.engine != "zero2" or args.ep > 1 else ("whole",)
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
     )
@@ -153,20 +231,27 @@ def main() -> None:
             f"# {platform.node()} | {cpu} | Qwen3-MoE {params / 1e6:.0f} M parameters, bf16 files {size:.0f} MiB"
         )
         print(
-            f"# EP {args.ep} on more than one rank; peak = VmHWM - resident set after imports, largest rank"
+            f"# {args.engine}, EP {args.ep} on more than one rank; peak = VmHWM - resident set after imports, "
+            f"largest rank; fp32 model {params * 4 / MIB:.0f} MiB"
         )
-        print("| mode | ranks | peak MiB/rank | vs 1 rank | seconds | fp32 params held/rank |")
-        print("|---|---|---|---|---|---|")
-        for mode in ("whole", "sharded"):
+        print(
+            "| engine | mode | ranks | peak MiB/rank | vs 1 rank | peak / fp32 model | heap peak / fp32 model "
+            "| seconds | fp32 params held/rank |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for mode in modes:
             one = None
             for world in args.worlds:
-                rows = run(mode, world, folder, args.ep)
+                rows = run(args.engine, mode, world, folder, args.ep)
                 peak = max(r["peak_mib"] for r in rows)
+                heap = max(r["anon_mib"] for r in rows)
                 one = one if one is not None else peak
                 held = max(r["local_params"] for r in rows)
                 secs = max(r["seconds"] for r in rows)
                 print(
-                    f"| {mode} | {world} | {peak:.0f} | {peak / one:.2f}x | {secs:.1f} | {held / 1e6:.0f} M |",
+                    f"| {args.engine} | {mode} | {world} | {peak:.0f} | {peak / one:.2f}x | "
+                    f"{peak / (params * 4 / MIB):.2f} | {heap / (params * 4 / MIB):.2f} | {secs:.1f} | "
+                    f"{held / 1e6:.0f} M |",
                     flush=True,
                 )
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moe_recipes.config import load_config
 from moe_recipes.models.loading import load_model
@@ -52,8 +52,9 @@ def _zero3_config(world: int) -> dict:
     return deepspeed_config(cfg, world)
 
 
-def _partitioned(folder: str) -> tuple[int, bool]:
-    """ZeRO-3 partitioned start of `folder` on this rank, checked against the whole load; returns (bytes read,
+def _partitioned(folder: str, missing: tuple[str, ...] = ()) -> tuple[int, bool]:
+    """ZeRO-3 partitioned start of `folder` on this rank, checked against the whole load; the `missing`
+    tensors (absent from the folder) must be initialised as the model initialises them. Returns (bytes read,
     whether some partition starts inside a row)."""
     import deepspeed
     import torch.distributed as dist
@@ -63,14 +64,19 @@ def _partitioned(folder: str) -> tuple[int, bool]:
 
     model = build_on_meta(folder)
     report = partition_and_fill(model, _zero3_config(dist.get_world_size()), folder)
-    assert report.initialised == []
+    assert report.initialised == list(missing)
     params = list(model.parameters())
     assert all(p.numel() == 0 and p.ds_tensor.numel() == p.ds_tensor.ds_numel for p in params)
     rows = [math.prod(p.ds_shape[1:]) for p in params]
     mid_row = any(p.ds_tensor.ds_numel * dist.get_rank() % r for p, r in zip(params, rows, strict=True))
     with deepspeed.zero.GatheredParameters(params):
         got = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _assert_same({**got, **dict(model.named_buffers())}, _reference(folder), f"{folder} ZeRO-3")
+    want = _reference(folder)
+    for name in missing:  # random in both: rank 0's draw of the model's own init, not an empty partition
+        std = model.config.initializer_range
+        assert got[name].isfinite().all() and 0.8 * std < got[name].std() < 1.2 * std, name
+        got.pop(name), want.pop(name)
+    _assert_same({**got, **dict(model.named_buffers())}, want, f"{folder} ZeRO-3")
     return report.bytes_read, mid_row
 
 
@@ -99,9 +105,9 @@ def _experts(folder: str) -> int:
     return report.bytes_read
 
 
-def _load_on_ranks(folders: list[str]) -> list[tuple]:
+def _load_on_ranks(folders: list[str], lacking: str | None = None) -> list[tuple]:
     """Per folder: (bytes read by the ZeRO-3 start, whether a partition starts inside a row, bytes read by the
-    EP start on 2 ranks)."""
+    EP start on 2 ranks). `lacking`: a folder without ``lm_head.weight``, started partitioned too."""
     import deepspeed
     import torch.distributed as dist
 
@@ -110,6 +116,8 @@ def _load_on_ranks(folders: list[str]) -> list[tuple]:
     for folder in folders:
         read, mid_row = _partitioned(folder)
         out.append((read, mid_row, _experts(folder) if dist.get_world_size() == 2 else None))
+    if lacking is not None:
+        _partitioned(lacking, missing=("lm_head.weight",))
     return out
 
 
@@ -136,9 +144,10 @@ def folders(tmp_path_factory) -> list[str]:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [1, 2])
-def test_partitioned_and_expert_starts_equal_from_pretrained(folders, world):
+def test_partitioned_and_expert_starts_equal_from_pretrained(folders, world, tmp_path):
     folders = folders if world == 2 else folders[1:2]  # one process: one partition, the whole tensor
-    results = run_distributed(_load_on_ranks, world, folders, timeout=600)
+    lacking = _without(folders[0], "lm_head.weight", tmp_path / "lacking") if world == 2 else None
+    results = run_distributed(_load_on_ranks, world, folders, lacking, timeout=600)
     for i, folder in enumerate(folders):
         total = _file_bytes(folder)
         zero3 = [r[i][0] for r in results]
@@ -150,6 +159,18 @@ def test_partitioned_and_expert_starts_equal_from_pretrained(folders, world):
         assert sum(experts) >= total and max(experts) < 0.9 * total, (folder, experts, total)
     if world == 2:  # the one-row buffer at a partition's ends was used
         assert any(r[i][1] for r in results for i in range(len(folders)))
+
+
+def _without(src: str, name: str, dst: Path) -> str:
+    """A copy of the single-file model folder `src` without the tensor `name`."""
+    dst.mkdir()
+    for path in Path(src).iterdir():
+        if path.suffix != ".safetensors":
+            (dst / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(str(Path(src) / "model.safetensors"))
+    del tensors[name]
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
 
 
 def _without_safetensors(src: str, dst: Path) -> str:

@@ -222,7 +222,7 @@ class _Files:
     every `window` bytes read the handles are dropped (a tensor read keeps its own pages alive until it is
     freed): the files add at most about `window` to the peak instead of all the bytes this rank reads."""
 
-    def __init__(self, files: dict[str, Path], window: int = 256 * 2**20):
+    def __init__(self, files: dict[str, Path], window: int = 64 * 2**20):
         self.files = files
         self.window = window
         self._handles: dict[Path, Any] = {}

@@ -83,6 +83,7 @@ def child(engine: str, mode: str, folder: str, ep: int) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+    _start(engine, "", "", ep)  # imports only: their memory is not the start-up's
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
     baseline, baseline_anon = _rss_kib("VmRSS"), _rss_kib("RssAnon")
     anon = _AnonPeak()
@@ -113,17 +114,23 @@ def child(engine: str, mode: str, folder: str, ep: int) -> None:
 
 
 def _start(engine: str, mode: str, folder: str, ep: int):  # noqa: ANN202
-    """The model as `engine` takes it after the start-up `mode` (see the module docstring)."""
+    """The model as `engine` takes it after the start-up `mode` (see the module docstring); with no `mode`,
+    only the imports."""
     import torch
     import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
 
     from moe_recipes.config import Config
+    from moe_recipes.distributed.deepspeed_ep import create_groups
+    from moe_recipes.distributed.expert_parallel import EPLayout, shard_experts
     from moe_recipes.models.inspect import inspect_model
     from moe_recipes.models.loading import load_model
     from moe_recipes.models.sharded_load import build_on_meta, materialise_and_fill
     from moe_recipes.train.engine import deepspeed_config, partition_and_fill
     from moe_recipes.train.fsdp_engine import shard_and_fill
 
+    if not mode:
+        return None
     world = dist.get_world_size()
     cfg = Config()
     cfg.distributed.expert_parallel_size = ep
@@ -140,15 +147,10 @@ def _start(engine: str, mode: str, folder: str, ep: int):  # noqa: ANN202
             model = build_on_meta(folder)
             partition_and_fill(model, ds_config, folder)
             return model
-        from transformers.integrations import HfDeepSpeedConfig
-
         keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds it weakly)
         return load_model(folder)
     model = build_on_meta(folder) if mode == "experts" else load_model(folder)
     if ep > 1:
-        from moe_recipes.distributed.deepspeed_ep import create_groups
-        from moe_recipes.distributed.expert_parallel import EPLayout, shard_experts
-
         info = inspect_model(model)
         shard_experts(info, EPLayout(ep, dist.get_rank() % ep, info.num_experts), create_groups(ep))
     if mode == "experts":

@@ -21,7 +21,15 @@ from safetensors.torch import load_file, save_file
 
 from moe_recipes.config import load_config
 from moe_recipes.models.loading import load_model
-from moe_recipes.models.sharded_load import EXPERTS, PARTITIONED, WHOLE, start_mode
+from moe_recipes.train.plan_startup import (
+    EXPERTS,
+    PARTITIONED,
+    RANK0_READS,
+    WHOLE,
+    StartMode,
+    start_mode,
+    training_start,
+)
 from tests.harness import run_cli_distributed, run_distributed
 
 from ..test_hf_layout import _tiny
@@ -191,25 +199,35 @@ def _without_safetensors(src: str, dst: Path) -> str:
 def test_start_mode_falls_back_to_the_whole_load_with_its_reason(tmp_path, tiny_mixtral, capsys):
     bin_folder = _without_safetensors(tiny_mixtral, tmp_path / "bin")
 
-    def mode(path: str, *extra: str, ds: dict | None = None) -> str:
-        cfg = load_config(
+    def config(path: str, *extra: str):  # noqa: ANN202
+        return load_config(
             None, [f"model.path={path}", "data.path=unused", "distributed.engine=deepspeed", *extra]
         )
-        return start_mode(cfg, ds if ds is not None else _zero3_config(1))
 
-    assert mode(tiny_mixtral, "distributed.zero_stage=3") == PARTITIONED
-    assert mode(tiny_mixtral, "distributed.zero_stage=2") == WHOLE  # replicated by design, no message
-    assert mode(tiny_mixtral, "distributed.zero_stage=2", "distributed.expert_parallel_size=2") == EXPERTS
+    def mode(path: str, *extra: str, ds: dict | None = None) -> StartMode:
+        return training_start(config(path, *extra), ds if ds is not None else _zero3_config(1))
+
+    assert mode(tiny_mixtral, "distributed.zero_stage=3") is PARTITIONED
+    assert mode(tiny_mixtral, "distributed.zero_stage=2") is WHOLE  # replicated by design, no message
+    assert mode(tiny_mixtral, "distributed.zero_stage=2", "distributed.expert_parallel_size=2") is EXPERTS
     assert capsys.readouterr().out == ""
-    assert mode(bin_folder, "distributed.zero_stage=3") == WHOLE
+    assert mode(bin_folder, "distributed.zero_stage=3") is RANK0_READS  # from_pretrained under zero.Init
     assert f"whole model on every rank before partitioning ({bin_folder} holds no safetensors" in (
         capsys.readouterr().out
     )
-    assert mode(bin_folder, "distributed.zero_stage=2", "distributed.expert_parallel_size=2") == WHOLE
+    assert mode(bin_folder, "distributed.zero_stage=2", "distributed.expert_parallel_size=2") is WHOLE
     assert "before cutting the experts" in capsys.readouterr().out
     bf16 = {**_zero3_config(1), "bf16": {"enabled": True}}
-    assert mode(tiny_mixtral, "distributed.zero_stage=3", ds=bf16) == WHOLE
+    assert mode(tiny_mixtral, "distributed.zero_stage=3", ds=bf16) is RANK0_READS
     assert "enables bf16: its parameters are not fp32" in capsys.readouterr().out
+    # plan asks without a DeepSpeed JSON at hand: the keys come from distributed.deepspeed_config
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"offload_param": {"device": "nvme"}}}))
+    cfg = config(tiny_mixtral, "distributed.zero_stage=3", f"distributed.deepspeed_config={user}")
+    assert (
+        start_mode(cfg) is RANK0_READS
+        and start_mode(config(tiny_mixtral, "distributed.zero_stage=3")) is PARTITIONED
+    )
 
 
 @pytest.mark.distributed

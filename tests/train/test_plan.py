@@ -11,7 +11,7 @@ import torch
 from moe_recipes.cli import main
 from moe_recipes.config import load_config
 from moe_recipes.models.inspect import count_parameters, inspect_model
-from moe_recipes.train.plan import GIB, Hardware, meta_model, plan
+from moe_recipes.train.plan import GIB, Hardware, meta_model, plan, plan_for_shape
 from moe_recipes.train.plan_report import warn_if_over_memory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,9 +160,10 @@ def _mixtral(*overrides: str, nodes: int = 1):
 
 def test_startup_of_each_engine_at_real_size():
     """Mixtral-8x7B (bf16 checkpoint) on 8 GPUs: FSDP2 starts sharded, each rank holding 1/8 of the fp32 model
-    on its GPU and reading 1/8 of the checkpoint plus one slice; DeepSpeed ZeRO 0-2 load the whole model on
-    every rank (host: fp32 model + the mapped bf16 checkpoint; GPU: the fp32 model), and replicate it;
-    ZeRO-3 partitions it as built, rank 0 reading the whole checkpoint."""
+    on its GPU and reading its 1/8 of the checkpoint with at most 64 MiB plus one read mapped at a time;
+    DeepSpeed ZeRO 0-2 load the whole model on every rank (host: fp32 model + the mapped bf16 checkpoint; GPU:
+    the fp32 model), and replicate it; ZeRO-3 starts partitioned (built on meta, each rank reading the rows of
+    its partitions) as FSDP2 starts sharded."""
     fsdp = _mixtral("distributed.engine=fsdp2")
     m = fsdp.model
     p, ck, big = m.total_params, m.checkpoint_bytes, m.largest_tensor
@@ -171,9 +172,10 @@ def test_startup_of_each_engine_at_real_size():
     start = fsdp.startup
     assert start.mode == "sharded" and not start.replicates
     assert start.device_total == 4 * p // 8
-    # on a host that is its own device (CPU): about 1/8 of the fp32 model and the checkpoint, plus one slice
-    assert start.on_cpu() == pytest.approx((4 * p + ck) / 8 + 4 * big / 8, rel=1e-6)
-    assert start.host_total < 0.07 * (4 * p)  # the GPU's shards are not on the host
+    # on a host that is its own device (CPU): 1/8 of the fp32 model, and the mapped window and one read
+    mapped = 64 * 2**20 + ck * big // 8 // p
+    assert mapped < ck / 8 and start.on_cpu() == pytest.approx(4 * p / 8 + mapped, rel=1e-6)
+    assert start.host_total < 0.01 * (4 * p)  # the GPU's shards are not on the host
     by_engine = {row.engine: row for row in [fsdp.startup, *fsdp.startup_by_engine]}
     assert sorted(by_engine) == [
         "DeepSpeed ZeRO-0",
@@ -190,21 +192,36 @@ def test_startup_of_each_engine_at_real_size():
         assert whole.host_per_node >= 8 * 4 * p + ck  # 8 private fp32 copies, the file pages once
         assert whole.host_total > 20 * start.host_total
     zero3 = by_engine["DeepSpeed ZeRO-3"]
-    assert zero3.mode == "rank0_reads" and not zero3.replicates
-    assert ck <= zero3.host_total < 1.05 * ck and zero3.host_other_ranks == 0
-    assert 4 * p // 8 < zero3.device_total < 4 * p // 8 + 4 * 2 * big  # a partition and one gathered module
+    assert zero3.mode == "partitioned" and not zero3.replicates
+    assert zero3.host_total == start.host_total and zero3.device_total == 4 * p // 8  # its partitions
+    assert zero3.host_other_ranks is None  # every rank alike
     # the step plan of the configured engine agrees with its own table row
     assert _mixtral("distributed.zero_stage=2").startup.host_total == by_engine["DeepSpeed ZeRO-2"].host_total
 
 
 def test_startup_that_does_not_fit_is_said():
-    """ZeRO-2 + EP 8 on 4 nodes holds 1/8 of the experts in training and its step fits, but today the whole
-    fp32 model reaches each GPU before the experts are cut: the plan says that start-up does not fit, while
-    FSDP2 + EP 8 starts sharded."""
+    """ZeRO-2 + EP 8 on 4 nodes holds 1/8 of the experts in training and its step fits; it starts on meta and
+    each GPU receives only the dense part and its experts, so its start-up fits too. From a folder without
+    safetensors it loads the whole model first: the whole fp32 model reaches each GPU before the experts are
+    cut, and the plan says that start-up does not fit. FSDP2 + EP 8 starts sharded."""
     ds = _mixtral("distributed.zero_stage=2", "distributed.expert_parallel_size=8", nodes=4)
-    assert ds.startup.device_total == 4 * ds.model.total_params > ds.device["parameters (fp32, replicated)"]
-    assert ds.fits and not ds.startup_fits
+    m = ds.model
+    own = m.total_params - m.routed_expert_params + m.routed_expert_params // 8
+    assert ds.startup.mode == "experts" and ds.startup.device_total == 4 * own
+    assert ds.fits and ds.startup_fits
     assert "replicated: dense parameters and 1/8" in ds.startup.in_training
+    cfg = load_config(
+        REPO / "configs" / "mixtral-8x7b.yaml",
+        [
+            f"model.path={CONFIGS / 'mixtral-8x7b'}",
+            "distributed.zero_stage=2",
+            "distributed.expert_parallel_size=8",
+        ],
+    )
+    whole = plan_for_shape(cfg, m, Hardware(8, 4, 80), safetensors=False)
+    assert whole.startup.mode == "whole" and whole.startup.device_total == 4 * m.total_params
+    assert whole.startup.device_total > whole.device["parameters (fp32, replicated)"]
+    assert whole.fits and not whole.startup_fits
     fsdp = _mixtral("distributed.engine=fsdp2", "distributed.expert_parallel_size=8", nodes=4)
     assert fsdp.startup_fits and fsdp.startup.mode == "sharded"
 
@@ -239,6 +256,6 @@ def test_cli_prints_the_startup_of_every_engine(capsys):
     assert sum("replicated: the whole model on every rank" in r for r in rows) == 3  # ZeRO 0, 1 and 2
     assert main(["plan", recipe, path, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["startup"]["mode"] == "rank0_reads" and out["startup"]["replicates"] is False
+    assert out["startup"]["mode"] == "partitioned" and out["startup"]["replicates"] is False
     assert len(out["startup_by_engine"]) == 4 and out["startup_fits"] is True
     assert all(row["host_total"] > 0 and row["device_total"] > 0 for row in out["startup_by_engine"])

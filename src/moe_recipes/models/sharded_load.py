@@ -42,6 +42,8 @@ from moe_recipes.distributed.expert_parallel import EP_FIRST_EXPERT, EP_GLOBAL_S
 from moe_recipes.hf_layout import FileTensor, released_layout
 from moe_recipes.models.loading import _check_attention, _check_folder, _model_class_supports_experts_choice
 
+MAP_WINDOW = 64 * 2**20  # bytes read between two drops of the memory maps (`_Files`)
+
 
 def has_safetensors(folder: str | Path) -> bool:
     """Whether the Hugging Face folder holds safetensors weights (one file, or an index of shards)."""
@@ -49,11 +51,24 @@ def has_safetensors(folder: str | Path) -> bool:
     return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
 
 
-def whole_load_reason(cfg: Any, safetensors: bool) -> str | None:
-    """Why FSDP2 training would load the whole model on every rank instead of starting sharded (None when it
-    starts sharded): CPU offload, or weights that are not safetensors. Pure, so `plan` asks it too."""
-    if cfg.distributed.fsdp_cpu_offload:
+def whole_load_reason(cfg: Any, safetensors: bool, ds_config: dict[str, Any] | None = None) -> str | None:
+    """Why training would load the whole model on every rank instead of building it on meta and reading only
+    each rank's part (None when it reads only its part, or for DeepSpeed ZeRO 0-2 without expert
+    parallelism, which replicate the model by design and always load it whole).
+
+    FSDP2: CPU offload; ZeRO-3: a DeepSpeed JSON under which a partition is not plain fp32 (`ds_config`, or
+    None for the keys of `distributed.deepspeed_config`, the only place those settings come from); every
+    engine: weights that are not safetensors. Pure (but for reading that JSON), so `plan` asks it too."""
+    d = cfg.distributed
+    if d.engine == "fsdp2" and d.fsdp_cpu_offload:
         return "distributed.fsdp_cpu_offload"
+    if d.engine == "deepspeed" and d.expert_parallel_size == 1:
+        if d.zero_stage != 3:
+            return None
+        if ds_config is None:
+            ds_config = json.loads(Path(d.deepspeed_config).read_text()) if d.deepspeed_config else {}
+        if (why := _zero3_obstacle(ds_config)) is not None:
+            return why
     if not safetensors:
         return f"{cfg.model.path} holds no safetensors weights"
     return None
@@ -73,45 +88,6 @@ def build_on_meta(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     return model.eval()  # as from_pretrained returns it; the trainer switches to train mode
-
-
-# How training starts the model (`start_mode`), as the trainer's start-up line says it
-WHOLE = "whole"  # load_model: the whole model on every rank, then the engine replicates/partitions/shards it
-SHARDED = "sharded"  # FSDP2: meta, fully_shard (and EP cut), each rank reads its shards' rows
-PARTITIONED = "partitioned"  # ZeRO-3: meta, each parameter partitioned, each rank reads its partition
-EXPERTS = "experts"  # DeepSpeed EP (ZeRO 0-2): meta, EP cut, each rank reads its experts and the rest
-
-START_NOTES = {
-    SHARDED: "built on meta, each rank read only its shards",
-    PARTITIONED: "built on meta, partitioned by ZeRO-3, each rank read only its partition",
-    EXPERTS: "built on meta, each rank read only its experts and the replicated rest",
-}
-
-
-def start_mode(cfg: Any, ds_config: dict[str, Any] | None = None) -> str:
-    """How training builds and loads the model (`WHOLE`, `SHARDED`, `PARTITIONED` or `EXPERTS`).
-
-    Each rank reads only its part of a safetensors folder under FSDP2 (without CPU offload), ZeRO-3 (with
-    the DeepSpeed JSON `ds_config` keeping fp32 parameters, no NVMe offload, hpZ or quantized weights) and
-    DeepSpeed expert parallelism; ZeRO 0-2 without EP replicate the model by design and load it whole. Where
-    direct reading cannot apply, one line says why and every rank loads the whole model first."""
-    d = cfg.distributed
-    if d.engine == "fsdp2":
-        mode, why = SHARDED, "distributed.fsdp_cpu_offload" if d.fsdp_cpu_offload else None
-    elif d.expert_parallel_size > 1:
-        mode, why = EXPERTS, None
-    elif d.zero_stage == 3:
-        mode, why = PARTITIONED, _zero3_obstacle(ds_config or {})
-    else:
-        return WHOLE
-    folder = Path(cfg.model.path)
-    if why is None and not has_safetensors(folder):
-        why = f"{folder} holds no safetensors weights"
-    if why is not None:
-        then = {SHARDED: "sharding", PARTITIONED: "partitioning", EXPERTS: "cutting the experts"}[mode]
-        print(f"[moe-recipes] loading the whole model on every rank before {then} ({why})", flush=True)
-        return WHOLE
-    return mode
 
 
 def _zero3_obstacle(ds_config: dict[str, Any]) -> str | None:
@@ -222,7 +198,7 @@ class _Files:
     every `window` bytes read the handles are dropped (a tensor read keeps its own pages alive until it is
     freed): the files add at most about `window` to the peak instead of all the bytes this rank reads."""
 
-    def __init__(self, files: dict[str, Path], window: int = 64 * 2**20):
+    def __init__(self, files: dict[str, Path], window: int = MAP_WINDOW):
         self.files = files
         self.window = window
         self._handles: dict[Path, Any] = {}

@@ -2,33 +2,40 @@
 
 The step plan (`train.plan`) is the steady state; before it, each engine loads the model in its own way,
 and at real size that can be the larger peak. How an engine starts is one named `StartMode`, chosen by
-`start_mode(cfg)`; the bytes follow from the mode alone (`startup_peak`), so when an engine's start changes
-(ZeRO-3 and DeepSpeed expert parallelism are being made partition-aware) only `start_mode` changes. Today:
+`start_mode(cfg)` for `plan` and by `training_start` (the same choice, with the folder as it is) for `train`;
+the bytes follow from the mode alone (`startup_peak`). The modes:
 
 * `SHARDED` (FSDP2, with or without expert parallelism, from safetensors, without CPU offload:
   `models.sharded_load`): the model is built on ``meta`` and sharded, each rank allocates only its fp32 shards
-  on its GPU and reads only their rows of the checkpoint through a memory map. Host: the file pages of its
-  1/N of the checkpoint, in the checkpoint's dtype, plus one slice converted to fp32 at a time (at most its
-  shard of the largest tensor). GPU: its fp32 shards.
-* `WHOLE` (DeepSpeed ZeRO 0-2 with or without expert parallelism, and FSDP2 with CPU offload or without
-  safetensors: `models.loading.load_model`): every rank runs ``from_pretrained`` in fp32 on the host, then
-  moves the whole model to its GPU, where the engine keeps it (ZeRO 0-2), cuts it (expert parallelism) or
-  shards it (FSDP2). Host: the whole fp32 model plus the pages of the whole checkpoint, mapped while it is
-  read (released checkpoints are bf16: 6 bytes a parameter; for fp32 files transformers keeps some
-  tensors on the mapped pages, so 8 bytes a parameter is an upper bound), plus one layer's experts fused
-  from the per-expert file tensors. GPU: the whole fp32 model.
-* `RANK0_READS` (DeepSpeed ZeRO-3: ``from_pretrained`` under ``HfDeepSpeedConfig``, transformers 5): each
-  parameter is partitioned as it is built; rank 0 alone reads the checkpoint (the other ranks read it as
-  ``meta``) and fills the partitions one module at a time, every rank gathering that module. Host: on rank 0
-  the pages of the whole checkpoint plus one layer's experts fused; the others hold no model-sized buffer
-  (their partitions with ``offload_params``). GPU: the fp32 partition plus one gathered module (a layer's
-  fused experts, or the largest tensor).
+  on its GPU and reads only their rows of the checkpoint through a memory map, copying them straight into
+  the shards (converted to fp32 by the copy). Host: the mapped pages of what it has read since the maps
+  were last dropped (every 64 MiB read, `sharded_load.MAP_WINDOW`): at most 64 MiB plus one read, or its
+  1/N of the checkpoint if that is less. GPU: its fp32 shards.
+* `PARTITIONED` (DeepSpeed ZeRO-3 from safetensors, its parameters plain fp32: `train.engine.partition_and_fill`):
+  built on ``meta``; every parameter becomes a ZeRO-3 parameter holding only its flat 1/N partition, filled
+  from the file rows that cover it. Host and GPU as `SHARDED` (the partitions on the host with
+  ``offload_params``).
+* `EXPERTS` (DeepSpeed ZeRO 0-2 with expert parallelism, from safetensors: `distributed.deepspeed_ep`):
+  built on ``meta``, the routed experts cut to this rank's 1/E, then everything it holds (the dense part and
+  its experts) materialised on its GPU and read. Host: as `SHARDED`, of those bytes. GPU: the dense part and
+  1/E of the routed experts, fp32.
+* `WHOLE` (DeepSpeed ZeRO 0-2 without expert parallelism, which replicate the model by design; and FSDP2 or
+  DeepSpeed EP with CPU offload (FSDP2) or without safetensors: `models.loading.load_model`): every rank runs
+  ``from_pretrained`` in fp32 on the host, then moves the whole model to its GPU, where the engine keeps it
+  (ZeRO 0-2), cuts it (expert parallelism) or shards it (FSDP2). Host: the whole fp32 model plus the pages
+  of the whole checkpoint, mapped while it is read (released checkpoints are bf16: 6 bytes a parameter; for
+  fp32 files transformers keeps some tensors on the mapped pages, so 8 bytes a parameter is an upper bound),
+  plus one layer's experts fused from the per-expert file tensors. GPU: the whole fp32 model.
+* `RANK0_READS` (DeepSpeed ZeRO-3 where `PARTITIONED` does not apply: no safetensors, or a DeepSpeed JSON
+  with half-precision, NVMe-swapped, hpZ or quantized parameters: ``from_pretrained`` under
+  ``HfDeepSpeedConfig``, transformers 5): each parameter is partitioned as it is built; rank 0 alone reads
+  the checkpoint (the other ranks read it as ``meta``) and fills the partitions one module at a time, every
+  rank gathering that module. Host: on rank 0 the pages of the whole checkpoint plus one layer's experts
+  fused; the others hold no model-sized buffer (their partitions with ``offload_params``). GPU: the fp32
+  partition plus one gathered module (a layer's fused experts, or the largest tensor).
 
 Checked on CPU (tests/train/test_plan_peak.py: an 86 M-parameter Qwen3-MoE saved in bf16, peak RSS over the
-load minus the resident set before it; there the GPU's bytes are host bytes too, `StartupPeak.on_cpu`):
-ZeRO-2 on 1 rank measured 537 MiB (estimate 525), FSDP2 on 2 ranks 294 MiB per rank (278), ZeRO-3 on 2 ranks
-436 MiB on rank 0 (423) and 302 MiB on rank 1 (227: more than the partition and one gathered module is held
-there, which the estimate does not explain).
+load minus the resident set before it; there the GPU's bytes are host bytes too, `StartupPeak.on_cpu`).
 
 Ranks of one node share the page cache: a file page read by several ranks is in memory once, while fp32
 copies are each rank's own. So the per-node figure counts each rank's private bytes and the file pages once.
@@ -54,12 +61,26 @@ class StartMode:
     key: str
     short: str  # a few words, for the table of engines
     how: str  # one line, for the report
+    said: str = ""  # what the trainer's start-up line says it did ("" : the whole load's own words)
 
 
 SHARDED = StartMode(
     "sharded",
     "meta, own rows read",
     "built on meta; each rank allocates its fp32 shards on its GPU and reads only their rows",
+    "built on meta, each rank read only its shards",
+)
+PARTITIONED = StartMode(
+    "partitioned",
+    "meta, own partition",
+    "built on meta; each rank allocates its fp32 ZeRO-3 partitions and reads only the rows that cover them",
+    "built on meta, partitioned by ZeRO-3, each rank read only its partition",
+)
+EXPERTS = StartMode(
+    "experts",
+    "meta, own experts",
+    "built on meta; experts cut to 1/E, each rank allocates the dense part and its experts and reads them",
+    "built on meta, each rank read only its experts and the replicated rest",
 )
 WHOLE = StartMode(
     "whole",
@@ -74,17 +95,42 @@ RANK0_READS = StartMode(
 )
 
 
-def start_mode(cfg: Config, safetensors: bool = True) -> StartMode:
-    """How `train` starts the engine of `cfg` today; `safetensors`: whether the model folder holds
-    safetensors weights (FSDP2 needs them to start sharded). Change this when an engine's start changes."""
+def start_mode(cfg: Config, safetensors: bool = True, ds_config: dict[str, Any] | None = None) -> StartMode:
+    """How `train` starts the engine of `cfg`; `safetensors`: whether the model folder holds safetensors
+    weights (the starts from meta read only those); `ds_config`: the DeepSpeed JSON, or None for the keys of
+    `distributed.deepspeed_config` (`sharded_load.whole_load_reason`)."""
     from moe_recipes.models.sharded_load import whole_load_reason
 
     d = cfg.distributed
+    from_meta = whole_load_reason(cfg, safetensors, ds_config) is None
     if d.engine == "fsdp2":
-        return SHARDED if whole_load_reason(cfg, safetensors) is None else WHOLE
+        return SHARDED if from_meta else WHOLE
+    if d.expert_parallel_size > 1:
+        return EXPERTS if from_meta else WHOLE
     if d.zero_stage == 3:
-        return RANK0_READS
-    return WHOLE  # ZeRO 0-2, with or without expert parallelism: load whole, then keep or cut
+        return PARTITIONED if from_meta else RANK0_READS
+    return WHOLE  # ZeRO 0-2 without expert parallelism replicate the model: load it whole
+
+
+def training_start(cfg: Config, ds_config: dict[str, Any] | None = None) -> StartMode:
+    """`start_mode` for the model folder as it is, for `train`; where a start from meta does not apply, one
+    line says why every rank loads the whole model first."""
+    from moe_recipes.models.sharded_load import has_safetensors, whole_load_reason
+
+    safetensors = has_safetensors(cfg.model.path)
+    mode = start_mode(cfg, safetensors, ds_config)
+    why = whole_load_reason(cfg, safetensors, ds_config)
+    if mode in (WHOLE, RANK0_READS) and why is not None:
+        d = cfg.distributed
+        then = (
+            "sharding"
+            if d.engine == "fsdp2"
+            else "cutting the experts"
+            if d.expert_parallel_size > 1
+            else "partitioning"
+        )
+        print(f"[moe-recipes] loading the whole model on every rank before {then} ({why})", flush=True)
+    return mode
 
 
 def model_in_training(cfg: Config, world: int, shard: int) -> str:
@@ -137,6 +183,14 @@ class StartupPeak:
         return host if self.mode == WHOLE.key else host + self.device_total
 
 
+def _mapped(share: int, one_read: int) -> int:
+    """The checkpoint pages a rank keeps mapped while reading `share` bytes, one read of at most `one_read`
+    bytes at a time: the reader drops its maps every `MAP_WINDOW` bytes read."""
+    from moe_recipes.models.sharded_load import MAP_WINDOW
+
+    return min(share, MAP_WINDOW + one_read)
+
+
 def checkpoint_bytes(model_config: Any, params: int, config_dtype: Any) -> tuple[int, str]:
     """(bytes of the model's weight files, how that was known): the safetensors files' sizes when
     `model_config` is a folder that holds them, else `params` times the size of the config's dtype."""
@@ -178,13 +232,25 @@ def startup_peak(
     # tensors (in the checkpoint's dtype) and ZeRO-3 gathers whole, or the largest single tensor
     module = max(big, shape.largest_layer_expert_params)
     converted = ck * module // max(p, 1)
-    if mode is SHARDED:
-        out.host[f"checkpoint pages of its 1/{shard} (memory-mapped)"] = ck // shard
-        out.host["one slice converted to fp32"] = 4 * math.ceil(big / shard)
-        out.device[f"fp32 shards (1/{shard})"] = 4 * p // shard
-        # ranks of a node read different rows (the same ones where hybrid groups share the node)
-        pages = ck * min(ranks_here, shard) // shard
-        out.host_per_node = pages + ranks_here * out.host["one slice converted to fp32"]
+    if mode in (SHARDED, PARTITIONED):
+        out.host[f"checkpoint pages mapped (of its 1/{shard}, dropped every 64 MiB read)"] = _mapped(
+            ck // shard, ck * math.ceil(big / shard) // max(p, 1)
+        )
+        held = out.host if mode is PARTITIONED and d.offload_params else out.device
+        held[f"fp32 {'partitions' if mode is PARTITIONED else 'shards'} (1/{shard})"] = 4 * p // shard
+        # ranks of a node read different rows (the same ones where hybrid groups share the node): the node's
+        # page cache holds what they read, once (the mapped pages are some of those); private: offloaded
+        private = out.host_total - next(iter(out.host.values()))
+        out.host_per_node = ck * min(ranks_here, shard) // shard + ranks_here * private
+    elif mode is EXPERTS:
+        ep, routed = d.expert_parallel_size, shape.routed_expert_params
+        own = p - routed + routed // ep  # the dense part and 1/E of the routed experts
+        out.host["checkpoint pages mapped (of its dense part and experts, dropped every 64 MiB read)"] = (
+            _mapped(ck * own // max(p, 1), ck * big // max(p, 1) // ep)
+        )
+        out.device[f"fp32 dense part and 1/{ep} of the routed experts"] = 4 * own
+        pages = ck * (p - routed) // max(p, 1) + ck * routed * min(ranks_here, ep) // max(p * ep, 1)
+        out.host_per_node = pages  # the page cache of what the node's ranks read, once; nothing private
     elif mode is WHOLE:
         out.host["whole model, fp32 (from_pretrained)"] = 4 * p
         out.host["whole checkpoint's pages (memory-mapped while read)"] = ck

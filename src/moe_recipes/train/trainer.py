@@ -34,13 +34,7 @@ from moe_recipes.models.balancing import check_bias_update, measure_global_load,
 from moe_recipes.models.freeze import freeze_parameters
 from moe_recipes.models.inspect import MoEInfo, flops_per_token, inspect_model
 from moe_recipes.models.loading import load_model
-from moe_recipes.models.sharded_load import (
-    PARTITIONED,
-    START_NOTES,
-    WHOLE,
-    build_on_meta,
-    start_mode,
-)
+from moe_recipes.models.sharded_load import build_on_meta
 from moe_recipes.precision import resolve_precision
 from moe_recipes.train import checkpoint as ckpt_io
 from moe_recipes.train.engine import (
@@ -64,6 +58,7 @@ from moe_recipes.train.metrics import (
 )
 from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective, loss_chunk_tokens
 from moe_recipes.train.plan_report import warn_if_over_memory
+from moe_recipes.train.plan_startup import EXPERTS, PARTITIONED, RANK0_READS, SHARDED, training_start
 from moe_recipes.train.preflight import preflight
 from moe_recipes.train.preflight import report as report_preflight
 from moe_recipes.train.schedule import lr_at
@@ -136,19 +131,19 @@ def _setup(cfg: Config) -> Run:
     seed_everything(cfg.train.seed)
     grad_accum = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = deepspeed_config(cfg, env.world_size) if use_ds else {}
-    load = start_mode(cfg, ds_config)  # built on meta, each rank reading only its part, where that applies
-    if load == WHOLE and use_ds and cfg.distributed.zero_stage == 3:
+    load = training_start(cfg, ds_config)  # on meta, each rank reading only its part, where that applies
+    if load is RANK0_READS:
         # Lets from_pretrained partition the weights while loading instead of materialising them on every rank.
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive.append(HfDeepSpeedConfig(ds_config))
-    if load != WHOLE:  # ZeRO-3 partitions and fills here; FSDP2 and DeepSpeed EP fill after their cut
+    if load in (SHARDED, PARTITIONED, EXPERTS):  # ZeRO-3 fills here; FSDP2 and DeepSpeed EP after their cut
         model = build_on_meta(
             cfg.model.path,
             attn_implementation=cfg.model.attn_implementation,
             experts_implementation=cfg.model.experts_implementation,
         )
-        if load == PARTITIONED:
+        if load is PARTITIONED:
             partition_and_fill(model, ds_config, cfg.model.path)
     else:
         model = load_model(
@@ -181,7 +176,7 @@ def _setup(cfg: Config) -> Run:
         aux_loss_type=cfg.moe.aux_loss_type,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
-    weights = cfg.model.path if load not in (WHOLE, PARTITIONED) else None  # the engine fills after its cut
+    weights = cfg.model.path if load in (SHARDED, EXPERTS) else None  # the engine fills after its cut
     if use_ds and d.expert_parallel_size > 1:
         engine, optimizer = initialize_expert_parallel(objective, cfg, ds_config, info, weights, device)
     elif use_ds:
@@ -226,8 +221,8 @@ def _setup(cfg: Config) -> Run:
             f"precision {precision}, gradients reduced in {reduce}"
         )
         loaded = (
-            START_NOTES[load]
-            if load != WHOLE
+            load.said
+            if load.said
             else "whole model loaded on every rank, then "
             + ("partitioned" if use_ds and d.zero_stage == 3 else "replicated" if use_ds else "sharded")
         )

@@ -43,8 +43,8 @@ def measure(variant: str, model_dir: str, vocab: int, micro: int, seq: int, warm
     """One rank of one variant: build the engine, `warmup` + `steps` timed steps, one counted step."""
     import torch
     import torch.distributed as dist
-
     from benchmarks.expert_parallel import _batches, check_counter, collective_bytes
+
     from moe_recipes.config import Config
     from moe_recipes.distributed.env import _skip_deepspeed_shm_op
     from moe_recipes.models.inspect import inspect_model

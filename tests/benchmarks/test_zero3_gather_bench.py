@@ -40,7 +40,9 @@ def test_zero3_gathers_matrices_in_bf16_with_the_same_losses(tmp_path):
     assert before["gather_bf16_payload"] == 0
     assert after["gather_bf16_payload"] > 0
     elements_before = before["gather_payload"] / 4
-    elements_after = after["gather_bf16_payload"] / 2 + (after["gather_payload"] - after["gather_bf16_payload"]) / 4
+    elements_after = (
+        after["gather_bf16_payload"] / 2 + (after["gather_payload"] - after["gather_bf16_payload"]) / 4
+    )
     assert elements_after == elements_before
     assert after["gather_payload"] < before["gather_payload"]
     # gradients are still reduced in fp32 (distributed.reduce_dtype defaults to fp32)

@@ -111,3 +111,19 @@ def test_cli_eval(tmp_path, tiny_mixtral, tiny_dataset, capsys):
         progress=False,
     )
     assert line == expected.summary("valid")
+
+
+def test_auto_dtype_keeps_fp32_weights_on_cpu_as_training_does(tmp_path, tiny_mixtral, tiny_dataset):
+    """On CPU `dtype=auto` under bf16 compute keeps fp32 weights (as the trainer's validation does), so eval
+    reproduces a run's valid_loss; bf16 weights are a different model (their loss differs)."""
+    common = dict(
+        seq_length=SEQ, split=SPLIT, max_samples=2, cache_dir=str(tmp_path / "cache"), progress=False
+    )
+    runs = {
+        dtype: evaluate_perplexity(
+            tiny_mixtral, tiny_dataset, precision="bf16", device="cpu", dtype=dtype, **common
+        )
+        for dtype in ("auto", "fp32", "bf16")
+    }
+    assert runs["auto"].loss == runs["fp32"].loss
+    assert runs["bf16"].loss != runs["fp32"].loss

@@ -146,9 +146,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="weight dtype (default auto: bf16 when --precision resolves to bf16, which halves the memory of "
-        "a large model, else fp32); fp32 keeps fp32 weights under bf16 autocast, exactly as training "
-        "computes, to reproduce a run's valid_loss",
+        help="weight dtype (default auto: bf16 on a GPU when --precision resolves to bf16, which halves the "
+        "memory of a large model; fp32 on CPU and under fp32). fp32 weights under bf16 autocast compute "
+        "exactly as training does and reproduce a run's valid_loss",
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: a GPU if any)")
     p.add_argument("--device-map", choices=["none", "auto"], default=None, help=DEVICE_MAP_HELP)

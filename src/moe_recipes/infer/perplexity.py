@@ -170,8 +170,9 @@ def evaluate_perplexity(
     """Load the folder and evaluate it on the `which` split of `data` (see the module docstring).
 
     precision: "auto" (bf16 autocast where the device computes bf16 natively, else fp32), "fp32" or "bf16".
-    dtype: the weights' dtype; "auto" is the precision's (bf16 weights with bf16 compute, which halves a
-    large model's memory), "fp32" keeps fp32 weights under bf16 autocast, exactly as training computes.
+    dtype: the weights' dtype; "auto" is bf16 on a GPU that computes in bf16 (half a large model's memory),
+    fp32 elsewhere; "fp32" keeps fp32 weights under bf16 autocast, exactly as training computes, so the
+    trainer's valid_loss is reproduced.
     device_map, max_memory, offload_folder: as `generate.load_for_inference` (accelerate's placement).
     """
     from moe_recipes.infer.generate import DTYPES, load_inference_model, pick_device
@@ -184,8 +185,11 @@ def evaluate_perplexity(
     if reset_attention_mask and not reset_position_ids:
         raise ValueError("reset_attention_mask needs reset_position_ids (as data.reset_attention_mask does)")
     dataset, count = eval_dataset(data, split, seq_length, seed, which, max_samples, cache_dir)
-    bf16 = resolve_precision(precision, pick_device(device)).bf16
-    weights = ("bf16" if bf16 else "fp32") if dtype == "auto" else dtype
+    target = pick_device(device)
+    bf16 = resolve_precision(precision, target).bf16
+    if dtype == "auto":  # bf16 weights where memory is scarce (a GPU computing in bf16); else as training
+        dtype = "bf16" if bf16 and target.type != "cpu" else "fp32"
+    weights = dtype
     model = load_inference_model(model_dir, device, weights, device_map, max_memory, offload_folder)
     return perplexity(
         model,

@@ -240,10 +240,10 @@ def _ours(scheme: str, model_dir: str, micro: int):
     import torch.distributed as dist
 
     from moe_recipes.config import Config
+    from moe_recipes.engines.deepspeed_zero import deepspeed_config, initialize
+    from moe_recipes.engines.fsdp2 import initialize_fsdp
     from moe_recipes.models.inspect import inspect_model
     from moe_recipes.models.loading import load_model
-    from moe_recipes.train.engine import deepspeed_config, initialize
-    from moe_recipes.train.fsdp_engine import initialize_fsdp
     from moe_recipes.train.objective import CausalLMObjective, loss_chunk_tokens
 
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -47,8 +47,8 @@ def _measure(defer: bool, accum: int, size: dict, seq: int, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from moe_recipes.config import Config
+    from moe_recipes.engines.fsdp2 import initialize_fsdp
     from moe_recipes.models.inspect import inspect_model
-    from moe_recipes.train.fsdp_engine import initialize_fsdp
     from moe_recipes.train.objective import CausalLMObjective
 
     runtime = _rss_kib("VmRSS")

@@ -121,13 +121,13 @@ def _start(engine: str, mode: str, folder: str, ep: int):  # noqa: ANN202
     from transformers.integrations import HfDeepSpeedConfig
 
     from moe_recipes.config import Config
-    from moe_recipes.distributed.deepspeed_ep import create_groups
     from moe_recipes.distributed.expert_parallel import EPLayout, shard_experts
+    from moe_recipes.engines.deepspeed_ep import create_groups
+    from moe_recipes.engines.deepspeed_zero import deepspeed_config, partition_and_fill
+    from moe_recipes.engines.fsdp2 import shard_and_fill
     from moe_recipes.models.inspect import inspect_model
     from moe_recipes.models.loading import load_model
     from moe_recipes.models.sharded_load import build_on_meta, materialise_and_fill
-    from moe_recipes.train.engine import deepspeed_config, partition_and_fill
-    from moe_recipes.train.fsdp_engine import shard_and_fill
 
     if not mode:
         return None

@@ -1,10 +1,10 @@
 """Benchmark: bytes DeepSpeed ZeRO-3 moves per training step under bf16, parameters gathered in fp32 (before)
-and in bf16 (after, `train.engine.gather_in_bf16`), with the losses of both runs.
+and in bf16 (after, `engines.deepspeed_zero.gather_in_bf16`), with the losses of both runs.
 
 Two processes (gloo, CPU) train one random Mixtral (built from a `MixtralConfig`, no download; 8 experts
 top-2; --hidden, --ffn, --layers, --vocab set its size; with the defaults the matrices hold 98% of the
 parameters, as in released MoE models, where the input embedding is well under 1%) with our trainer's
-pieces (`load_model`, `CausalLMObjective`, `train.engine.initialize`) at `train.precision=bf16`, ZeRO-3, on
+pieces (`load_model`, `CausalLMObjective`, `engines.deepspeed_zero.initialize`) at `train.precision=bf16`, ZeRO-3, on
 the same random token batches:
 
 * ``fp32-gather``: the engine as it was, every parameter all-gathered in fp32 (`gather_in_bf16` disabled);
@@ -47,9 +47,9 @@ def measure(variant: str, model_dir: str, vocab: int, micro: int, seq: int, warm
 
     from moe_recipes.config import Config
     from moe_recipes.distributed.env import _skip_deepspeed_shm_op
+    from moe_recipes.engines import deepspeed_zero as ds_engine
     from moe_recipes.models.inspect import inspect_model
     from moe_recipes.models.loading import load_model
-    from moe_recipes.train import engine as ds_engine
     from moe_recipes.train.objective import CausalLMObjective, loss_chunk_tokens
 
     check_counter()
@@ -142,7 +142,7 @@ def build_model(model_dir: Path, size: dict, seq: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    from moe_recipes.train.engine import gathered_in_bf16
+    from moe_recipes.engines.deepspeed_zero import gathered_in_bf16
 
     torch.manual_seed(0)
     config = MixtralConfig(

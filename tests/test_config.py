@@ -111,7 +111,7 @@ def test_reduce_dtype_and_loss_kernel(tmp_path):
         load_config(p, ["distributed.reduce_dtype=fp16"])
     with pytest.raises(ValueError, match="train.loss_kernel='triton' is not one of auto, compiled, eager"):
         load_config(p, ["train.loss_kernel=triton"])
-    from moe_recipes.train.engine import deepspeed_config
+    from moe_recipes.engines.deepspeed_zero import deepspeed_config
 
     for reduce in ("fp32", "bf16"):
         cfg = load_config(p, ["train.precision=bf16", f"distributed.reduce_dtype={reduce}"])

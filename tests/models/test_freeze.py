@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_recipes.config import load_config
+from moe_recipes.engines.optim import param_groups
 from moe_recipes.models.freeze import count_trainable, freeze_parameters
 from moe_recipes.models.init import build_config, make_dims
 from moe_recipes.models.inspect import inspect_model
-from moe_recipes.train.engine import param_groups
 
 
 def _model(arch: str):

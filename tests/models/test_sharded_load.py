@@ -51,8 +51,8 @@ def _sharded_load(folders: list[str], ep: int) -> list[tuple[str, int, int]]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from moe_recipes.config import Config
+    from moe_recipes.engines.fsdp2 import shard_and_fill
     from moe_recipes.models.inspect import inspect_model
-    from moe_recipes.train.fsdp_engine import shard_and_fill
 
     world = dist.get_world_size()
     out = []

@@ -31,11 +31,11 @@ def main(engine: str, folder: str) -> None:
 
     from moe_recipes.config import Config
     from moe_recipes.distributed.env import init_distributed
+    from moe_recipes.engines.deepspeed_zero import partition_and_fill
+    from moe_recipes.engines.fsdp2 import shard_and_fill
     from moe_recipes.models.inspect import inspect_model
     from moe_recipes.models.loading import load_model
     from moe_recipes.models.sharded_load import build_on_meta
-    from moe_recipes.train.engine import partition_and_fill
-    from moe_recipes.train.fsdp_engine import shard_and_fill
 
     init_distributed(use_deepspeed=engine != "fsdp2")
     keep = []

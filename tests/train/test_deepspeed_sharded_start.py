@@ -52,7 +52,7 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wh
 
 def _zero3_config(world: int) -> dict:
     from moe_recipes.config import Config
-    from moe_recipes.train.engine import deepspeed_config
+    from moe_recipes.engines.deepspeed_zero import deepspeed_config
 
     cfg = Config()
     cfg.distributed.zero_stage = 3
@@ -67,8 +67,8 @@ def _partitioned(folder: str, missing: tuple[str, ...] = ()) -> tuple[int, bool]
     import deepspeed
     import torch.distributed as dist
 
+    from moe_recipes.engines.deepspeed_zero import partition_and_fill
     from moe_recipes.models.sharded_load import build_on_meta
-    from moe_recipes.train.engine import partition_and_fill
 
     model = build_on_meta(folder)
     report = partition_and_fill(model, _zero3_config(dist.get_world_size()), folder)
@@ -93,8 +93,8 @@ def _experts(folder: str) -> int:
     rows of the whole load; returns the bytes read."""
     import torch.distributed as dist
 
-    from moe_recipes.distributed.deepspeed_ep import create_groups
     from moe_recipes.distributed.expert_parallel import EP_FIRST_EXPERT, EPLayout, shard_experts
+    from moe_recipes.engines.deepspeed_ep import create_groups
     from moe_recipes.models.inspect import inspect_model
     from moe_recipes.models.sharded_load import build_on_meta, materialise_and_fill
 

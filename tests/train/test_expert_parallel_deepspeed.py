@@ -196,8 +196,8 @@ def test_deepspeed_ep_zero0_checkpoint_resumes_only_with_its_expert_parallel_siz
     ],
 )
 def test_deepspeed_ep_json_checks_name_the_setting(tmp_path, user, message):
-    from moe_recipes.distributed.deepspeed_ep import check_deepspeed_config
-    from moe_recipes.train.engine import deepspeed_config
+    from moe_recipes.engines.deepspeed_ep import check_deepspeed_config
+    from moe_recipes.engines.deepspeed_zero import deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))

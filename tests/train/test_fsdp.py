@@ -13,8 +13,8 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from moe_recipes.convert.hf import convert_checkpoint
+from moe_recipes.engines.fsdp2 import build_mesh
 from moe_recipes.train import trainer
-from moe_recipes.train.fsdp_engine import build_mesh
 from moe_recipes.train.signals import StopRequest
 from tests.harness import run_cli_distributed
 

@@ -5,7 +5,7 @@ module names (`model.<HF key>`, since the engine wraps `CausalLMObjective`). Whe
 
 * ZeRO 0-2: `mp_rank_00_model_states.pt` holds the complete module state; the engine keeps fp32
   parameters, so these are the exact master weights. It is memory-mapped, not read into memory. With
-  expert parallelism too: the engine writes the whole expert tensors there (`distributed.deepspeed_ep`).
+  expert parallelism too: the engine writes the whole expert tensors there (`engines.deepspeed_ep`).
 * ZeRO-3: every rank's file holds only its slice of the fp32 master weights. DeepSpeed's
   `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)` memory-maps the per-rank
   partitions and returns one lazy tensor per parameter, gathered only when asked for

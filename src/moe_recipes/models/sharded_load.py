@@ -8,7 +8,7 @@ Mixtral-8x7B under FSDP2 would put 187 GB of fp32 weights on each rank first. He
 2. the engine cuts it as it is and allocates only this rank's part: FSDP2 (expert-parallel cut,
    ``fully_shard``, ``to_empty``), DeepSpeed expert parallelism (cut, ``to_empty``: `materialise_and_fill`)
    or ZeRO-3 (each parameter becomes a ZeRO-3 parameter holding only its flat partition:
-   `train.engine.partition_on_meta`);
+   `engines.deepspeed_zero.partition_on_meta`);
 3. `fill_from_folder` reads, for every parameter and persistent buffer, what this rank holds (`_part_held`: a
    DTensor's rows, an expert-parallel slice's rows, the file rows that cover a ZeRO-3 partition, or the
    whole tensor) from the safetensors files over their memory map (``get_slice``), through the released

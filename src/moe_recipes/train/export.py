@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moe_recipes.distributed.deepspeed_ep import gather_expert_param, is_expert_param
+from moe_recipes.engines.deepspeed_ep import gather_expert_param, is_expert_param
 from moe_recipes.hf_folder import (
     ModelLayout,
     TensorSpec,

@@ -3,7 +3,7 @@
 `plan(cfg, model_config, hardware)` builds the model on the ``meta`` device (shapes only, no weights, a
 fraction of a second even for 50B+ models), reads its geometry from the module tree (decoder layers,
 experts, top-k: `models.inspect`), and adds up what one rank holds at the peak of a step for the engine
-this project actually runs (`train.engine`, `train.fsdp_engine`, `train.objective`):
+this project actually runs (`engines.deepspeed_zero`, `engines.fsdp2`, `train.objective`):
 
 * DeepSpeed keeps fp32 parameters (no bf16 mode: autocast does the mixed precision), so ZeRO 0-2
   replicate 4 bytes/param; ZeRO-1/2 add an fp32 master copy of the rank's partition, ZeRO-2 partitions
@@ -266,7 +266,7 @@ def plan_for_shape(
 ) -> MemoryPlan:
     """The arithmetic of `plan`, given the model's shape (pure: no model, no I/O); `safetensors`: whether
     the model folder holds safetensors weights (FSDP2 starts sharded only from those)."""
-    from moe_recipes.train.engine import gradient_accumulation_steps
+    from moe_recipes.engines.deepspeed_zero import gradient_accumulation_steps
 
     world = hardware.world_size
     d = cfg.distributed

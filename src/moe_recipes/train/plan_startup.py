@@ -11,11 +11,11 @@ the bytes follow from the mode alone (`startup_peak`). The modes:
   the shards (converted to fp32 by the copy). Host: the mapped pages of what it has read since the maps
   were last dropped (every 64 MiB read, `sharded_load.MAP_WINDOW`): at most 64 MiB plus one read, or its
   1/N of the checkpoint if that is less. GPU: its fp32 shards.
-* `PARTITIONED` (DeepSpeed ZeRO-3 from safetensors, its parameters plain fp32: `train.engine.partition_and_fill`):
+* `PARTITIONED` (DeepSpeed ZeRO-3 from safetensors, its parameters plain fp32: `engines.deepspeed_zero.partition_and_fill`):
   built on ``meta``; every parameter becomes a ZeRO-3 parameter holding only its flat 1/N partition, filled
   from the file rows that cover it. Host and GPU as `SHARDED` (the partitions on the host with
   ``offload_params``).
-* `EXPERTS` (DeepSpeed ZeRO 0-2 with expert parallelism, from safetensors: `distributed.deepspeed_ep`):
+* `EXPERTS` (DeepSpeed ZeRO 0-2 with expert parallelism, from safetensors: `engines.deepspeed_ep`):
   built on ``meta``, the routed experts cut to this rank's 1/E, then everything it holds (the dense part and
   its experts) materialised on its GPU and read. Host: as `SHARDED`, of those bytes. GPU: the dense part and
   1/E of the routed experts, fp32.

@@ -40,7 +40,7 @@ def preflight(cfg: Config) -> Preflight:
     """Run every cheap check; raise ValueError/FileNotFoundError/ImportError naming what is wrong."""
     _check_engine_installed(cfg)
     if cfg.distributed.engine == "deepspeed" and cfg.distributed.expert_parallel_size > 1:
-        from moe_recipes.distributed.deepspeed_ep import check_deepspeed_config
+        from moe_recipes.engines.deepspeed_ep import check_deepspeed_config
 
         check_deepspeed_config(cfg)
     vocab = model_vocab_size(cfg.model.path)

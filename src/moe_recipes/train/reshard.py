@@ -4,7 +4,7 @@ DeepSpeed's ZeRO 1-3 files are cut for the run that wrote them: every rank's opt
 partition of flat buffers whose layout depends on the process count, the stage and (with expert
 parallelism) the EP size. DeepSpeed's own universal-checkpoint converter does not know our expert
 parallelism (it handles its AutoEP layers only; ours are plain parameters holding a slice of the experts,
-`distributed.deepspeed_ep`), so the resharding goes through a layout of our own, written once next to the
+`engines.deepspeed_ep`), so the resharding goes through a layout of our own, written once next to the
 checkpoint and read by any number of processes:
 
     SAVE/iter_NNNNNNN.resharded/
@@ -289,7 +289,7 @@ def convert_on_rank0(ckpt: Path, run_state: dict[str, Any]) -> tuple[Path, float
 def load_resharded(engine: Any, folder: Path) -> int:
     """Load the resharded copy `folder` into `engine` (every rank): weights, the ZeRO optimizer's fp32
     master partition and AdamW moments, buffers. Returns AdamW's step."""
-    from moe_recipes.distributed.deepspeed_ep import is_expert_param
+    from moe_recipes.engines.deepspeed_ep import is_expert_param
 
     meta = json.loads((folder / RESHARDED_META).read_text())
     step = int(meta["step"])

@@ -25,9 +25,18 @@ from torch.utils.data import DataLoader
 from moe_recipes.config import Config
 from moe_recipes.data.factory import build_training_data
 from moe_recipes.data.sampler import PretrainBatchSampler
-from moe_recipes.distributed.deepspeed_ep import initialize_expert_parallel
 from moe_recipes.distributed.env import DistEnv, barrier, destroy_distributed, device_for, init_distributed
 from moe_recipes.distributed.startup import bounded_extension_builds
+from moe_recipes.engines.deepspeed_ep import initialize_expert_parallel
+from moe_recipes.engines.deepspeed_zero import (
+    deepspeed_config,
+    gradient_accumulation_steps,
+    initialize,
+    partition_and_fill,
+    set_lr,
+)
+from moe_recipes.engines.fsdp2 import initialize_fsdp
+from moe_recipes.engines.grad_norm import squared_sum
 from moe_recipes.faults import fault_point
 from moe_recipes.fileio import InUseError, RunLock
 from moe_recipes.models.balancing import check_bias_update, measure_global_load, update_routing_bias
@@ -37,15 +46,6 @@ from moe_recipes.models.loading import load_model
 from moe_recipes.models.sharded_load import build_on_meta
 from moe_recipes.precision import resolve_precision
 from moe_recipes.train import checkpoint as ckpt_io
-from moe_recipes.train.engine import (
-    deepspeed_config,
-    gradient_accumulation_steps,
-    initialize,
-    partition_and_fill,
-    set_lr,
-)
-from moe_recipes.train.fsdp_engine import initialize_fsdp
-from moe_recipes.train.grad_norm import squared_sum
 from moe_recipes.train.metrics import (
     MetricsWriter,
     console_line,
@@ -455,7 +455,7 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], stop: Sto
 
 def _grad_norm(engine: Any) -> torch.Tensor | float:
     """ZeRO-0's global gradient norm (every rank holds the full, reduced gradients), summed in fp64 like
-    the other engines' (`train.grad_norm`)."""
+    the other engines' (`engines.grad_norm`)."""
     if hasattr(engine, "global_grad_norm"):  # expert parallel: ranks hold different experts' gradients
         return engine.global_grad_norm()
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]

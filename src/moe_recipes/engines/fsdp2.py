@@ -42,9 +42,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moe_recipes.config import Config
 from moe_recipes.distributed.expert_parallel import EPLayout, check_expert_parallel, shard_experts
+from moe_recipes.engines.grad_norm import clip_to, squared_sum
+from moe_recipes.engines.optim import SkippableAdamW, build_optimizer
 from moe_recipes.models.inspect import MoEInfo
-from moe_recipes.train.engine import SkippableAdamW, build_optimizer
-from moe_recipes.train.grad_norm import clip_to, squared_sum
 
 ENGINE_NAME = "fsdp2"
 
@@ -136,7 +136,7 @@ def clip_sharded_grads(params: list[torch.Tensor], max_norm: float, replicas: in
     Every element of a parameter lives on exactly `replicas` ranks (1 when fully sharded, the replica
     groups with hybrid sharding; experts included, whose EP and FSDP shards partition them), so the squared
     norm is the sum of the local shards' squares over all ranks / `replicas`, whatever mesh each parameter
-    is on (summed in fp64, see `train.grad_norm`).
+    is on (summed in fp64, see `engines.grad_norm`).
     """
     grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in params)]
     total = squared_sum(grads)

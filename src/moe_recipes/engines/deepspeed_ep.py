@@ -50,8 +50,8 @@ from moe_recipes.distributed.expert_parallel import (
     check_expert_parallel,
     shard_experts,
 )
+from moe_recipes.engines.grad_norm import clip_to, squared_sum
 from moe_recipes.models.inspect import MoEInfo
-from moe_recipes.train.grad_norm import clip_to, squared_sum
 
 # Set on every expert-parallel parameter (besides DeepSpeed's `allreduce` and `group_name`, and shard_experts'
 # EP_GLOBAL_SHAPE, the shape of the whole tensor)
@@ -118,7 +118,7 @@ def gather_expert_param(p: torch.Tensor, dst: int | None = None) -> torch.Tensor
 def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The gradient norm of the whole model after the data-parallel reduction: dense gradients are the
     same on every rank, an expert's is the same on the ranks that hold it, so the squares of the expert
-    gradients are summed over the EP group once (fp64, `train.grad_norm`)."""
+    gradients are summed over the EP group once (fp64, `engines.grad_norm`)."""
     experts = [p for p in params if is_expert_param(p)]
     dense = [p.grad for p in params if p.grad is not None and not is_expert_param(p)]
     device = params[0].device if params else "cpu"
@@ -228,7 +228,7 @@ def check_deepspeed_config(cfg: Config, ds_config: dict[str, Any] | None = None)
     offload, fp32 parameters. ValueError naming the values otherwise. Without `ds_config` it is built for
     one rank (preflight, before the rendezvous): the keys read here do not depend on the number of ranks."""
     if ds_config is None:
-        from moe_recipes.train.engine import deepspeed_config
+        from moe_recipes.engines.deepspeed_zero import deepspeed_config
 
         ds_config = deepspeed_config(cfg, 1)
     ep = cfg.distributed.expert_parallel_size
@@ -271,8 +271,8 @@ def initialize_expert_parallel(
     (`models.sharded_load`)."""
     import deepspeed
 
+    from moe_recipes.engines.optim import build_optimizer
     from moe_recipes.models.sharded_load import materialise_and_fill
-    from moe_recipes.train.engine import build_optimizer
 
     ep = cfg.distributed.expert_parallel_size
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -227,8 +227,8 @@ def test_startup_that_does_not_fit_is_said():
 
 
 def test_startup_mode_follows_the_folder_and_offload(tmp_path):
-    """FSDP2 starts sharded only from safetensors and without CPU offload; the checkpoint's size is read
-    from its files when they are there."""
+    """FSDP2 starts sharded only from safetensors and without CPU offload (from .bin weights: rank 0 reads
+    and sends rows); the checkpoint's size is read from its files when they are there."""
     assert _mixtral("distributed.engine=fsdp2", "distributed.fsdp_cpu_offload=true").startup.mode == "whole"
     folder = tmp_path / "model"
     folder.mkdir()
@@ -238,7 +238,14 @@ def test_startup_mode_follows_the_folder_and_offload(tmp_path):
     )
     assert plan(cfg, folder, Hardware(8, 1, 80)).startup.mode == "sharded"  # weights not there yet
     (folder / "pytorch_model.bin").write_bytes(b"0" * 1000)
-    assert plan(cfg, folder, Hardware(8, 1, 80)).startup.mode == "whole"
+    scatter = plan(
+        cfg, folder, Hardware(8, 1, 80)
+    )  # rank 0 reads the .bin files and sends each rank its rows
+    start, m = scatter.startup, scatter.model
+    assert start.mode == "rank0_scatter" and not start.replicates
+    assert start.device_total == 4 * m.total_params // 8 + 4 * m.largest_tensor  # shards + the tensor sent
+    assert start.host_total == m.checkpoint_bytes + 4 * m.largest_tensor  # one mapped file + one tensor
+    assert start.host_other_ranks == 0  # the others receive into their shards
     (folder / "model.safetensors").write_bytes(b"0" * 12345)
     p = plan(cfg, folder, Hardware(8, 1, 80))
     assert p.startup.mode == "sharded"

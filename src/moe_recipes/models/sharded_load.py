@@ -18,8 +18,9 @@ Mixtral-8x7B under FSDP2 would put 187 GB of fp32 weights on each rank first. He
    ``initialize_weights``, which leaves every loaded tensor alone (transformers' ``_is_hf_initialized``
    flags) and computes the non-persistent buffers (rotary ``inv_freq``).
 
-`start_mode` says which of these the trainer uses, and falls back to `load_model` with a message where none
-applies (a folder without safetensors, for one). The parameters equal ``from_pretrained``'s bit for bit
+`start_mode` says which of these the trainer uses. From a folder without safetensors (``.bin`` weights) FSDP2
+builds and shards the same way, then rank 0 reads and sends each rank its rows (`scatter_load`); elsewhere it
+falls back to `load_model` with a message. The parameters equal ``from_pretrained``'s bit for bit
 (tested for every family, 1, 2 and 4 processes, FSDP2 with and without expert parallelism, ZeRO-3 and
 DeepSpeed expert parallelism, bf16 and fp32 files).
 """
@@ -124,8 +125,13 @@ def materialise_and_fill(
     module: nn.Module, model: nn.Module, folder: str | Path, device: torch.device
 ) -> FillReport:
     """Allocate `module`'s parts (sharded, cut: whatever it holds now) on `device` and fill them from `folder`;
-    `model` is the Hugging Face model inside it."""
+    `model` is the Hugging Face model inside it. Safetensors are read by rows on every rank
+    (`fill_from_folder`); ``.bin`` weights are read by rank 0 alone and sent (`scatter_load`)."""
     materialise(module, device)
+    if not has_safetensors(folder):  # .bin weights: not readable by rows, rank 0 reads and sends them
+        from moe_recipes.models.scatter_load import scatter_from_rank0
+
+        return scatter_from_rank0(model, folder)
     return fill_from_folder(model, folder)
 
 
@@ -244,15 +250,9 @@ def fill_from_folder(model: nn.Module, folder: str | Path) -> FillReport:
     """
     folder = Path(folder)
     files = _Files(_weight_files(folder))
-    unique: dict[int, tuple[str, torch.Tensor]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        unique.setdefault(id(tensor), (name, tensor))
-    held = {name: _part_held(tensor) for name, tensor in unique.values()}
-    layout = released_layout(model, [(name, part.shape) for name, part in held.items()])
     read, filled, missing = 0, 0, []
-    for name, tensor in unique.values():
-        part = held[name]
-        pieces = _pieces_in_folder(name, layout.pieces[name], part.shape, files.files)
+    for name, tensor, part, released in tensors_to_fill(model):
+        pieces = _pieces_in_folder(name, released, part.shape, files.files)
         if pieces is None:
             missing.append(name)
             continue
@@ -266,6 +266,18 @@ def fill_from_folder(model: nn.Module, folder: str | Path) -> FillReport:
     files.close()
     _initialise_the_rest(model)
     return FillReport(filled, read, missing)
+
+
+def tensors_to_fill(model: nn.Module) -> list[tuple[str, torch.Tensor, _Part, tuple[FileTensor, ...]]]:
+    """(name, tensor, this rank's part, its released file tensors) for each parameter and persistent buffer of
+    `model`, tied ones once, in state-dict order: the same list on every rank (the readers of a folder share
+    it: `fill_from_folder` here, `scatter_load.scatter_from_rank0` where rank 0 reads for everyone)."""
+    unique: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        unique.setdefault(id(tensor), (name, tensor))
+    held = {name: _part_held(tensor) for name, tensor in unique.values()}
+    layout = released_layout(model, [(name, part.shape) for name, part in held.items()])
+    return [(name, tensor, held[name], layout.pieces[name]) for name, tensor in unique.values()]
 
 
 def _read_rows(

@@ -11,6 +11,13 @@ the bytes follow from the mode alone (`startup_peak`). The modes:
   the shards (converted to fp32 by the copy). Host: the mapped pages of what it has read since the maps
   were last dropped (every 64 MiB read, `sharded_load.MAP_WINDOW`): at most 64 MiB plus one read, or its
   1/N of the checkpoint if that is less. GPU: its fp32 shards.
+* `RANK0_SCATTER` (FSDP2, with or without expert parallelism, from ``.bin`` weights only, without CPU offload:
+  `models.scatter_load`): built on ``meta`` and sharded as `SHARDED`; rank 0 alone opens the torch files
+  (memory-mapped, one at a time), builds each in-memory tensor whole and sends every rank its rows, which it
+  receives straight into its shards. Host: on rank 0 the pages of one mapped file (at most the whole
+  checkpoint: a single ``pytorch_model.bin`` is touched whole while it is open) plus one whole fp32 tensor
+  (the largest in-memory one: a layer's fused experts in an MoE); the others nothing model-sized. GPU: the fp32 shards,
+  plus on rank 0 that one tensor, sent from its GPU.
 * `PARTITIONED` (DeepSpeed ZeRO-3 from safetensors, its parameters plain fp32: `engines.deepspeed_zero.partition_and_fill`):
   built on ``meta``; every parameter becomes a ZeRO-3 parameter holding only its flat 1/N partition, filled
   from the file rows that cover it. Host and GPU as `SHARDED` (the partitions on the host with
@@ -19,8 +26,8 @@ the bytes follow from the mode alone (`startup_peak`). The modes:
   built on ``meta``, the routed experts cut to this rank's 1/E, then everything it holds (the dense part and
   its experts) materialised on its GPU and read. Host: as `SHARDED`, of those bytes. GPU: the dense part and
   1/E of the routed experts, fp32.
-* `WHOLE` (DeepSpeed ZeRO 0-2 without expert parallelism, which replicate the model by design; and FSDP2 or
-  DeepSpeed EP with CPU offload (FSDP2) or without safetensors: `models.loading.load_model`): every rank runs
+* `WHOLE` (DeepSpeed ZeRO 0-2 without expert parallelism, which replicate the model by design; FSDP2 with CPU
+  offload; DeepSpeed EP without safetensors: `models.loading.load_model`): every rank runs
   ``from_pretrained`` in fp32 on the host, then moves the whole model to its GPU, where the engine keeps it
   (ZeRO 0-2), cuts it (expert parallelism) or shards it (FSDP2). Host: the whole fp32 model plus the pages
   of the whole checkpoint, mapped while it is read (released checkpoints are bf16: 6 bytes a parameter; for
@@ -87,6 +94,12 @@ WHOLE = StartMode(
     "whole load per rank",
     "every rank loads the whole model in fp32 on the host (from_pretrained), then moves it to its GPU",
 )
+RANK0_SCATTER = StartMode(
+    "rank0_scatter",
+    "meta, rank 0 sends rows",
+    "built on meta and sharded; rank 0 reads the .bin weights one tensor at a time and sends each rank its rows",
+    "built on meta, rank 0 read the .bin weights one tensor at a time and sent each rank its shards",
+)
 RANK0_READS = StartMode(
     "rank0_reads",
     "rank 0 reads all",
@@ -104,7 +117,7 @@ def start_mode(cfg: Config, safetensors: bool = True, ds_config: dict[str, Any] 
     d = cfg.distributed
     from_meta = whole_load_reason(cfg, safetensors, ds_config) is None
     if d.engine == "fsdp2":
-        return SHARDED if from_meta else WHOLE
+        return SHARDED if from_meta else WHOLE if d.fsdp_cpu_offload else RANK0_SCATTER
     if d.expert_parallel_size > 1:
         return EXPERTS if from_meta else WHOLE
     if d.zero_stage == 3:
@@ -120,7 +133,13 @@ def training_start(cfg: Config, ds_config: dict[str, Any] | None = None) -> Star
     safetensors = has_safetensors(cfg.model.path)
     mode = start_mode(cfg, safetensors, ds_config)
     why = whole_load_reason(cfg, safetensors, ds_config)
-    if mode in (WHOLE, RANK0_READS) and why is not None:
+    if mode is RANK0_SCATTER:
+        print(
+            f"[moe-recipes] {cfg.model.path} holds no safetensors weights: built on meta and sharded, rank 0 "
+            "reads the .bin weights one tensor at a time and sends each rank its rows",
+            flush=True,
+        )
+    elif mode in (WHOLE, RANK0_READS) and why is not None:
         d = cfg.distributed
         then = (
             "sharding"
@@ -129,6 +148,8 @@ def training_start(cfg: Config, ds_config: dict[str, Any] | None = None) -> Star
             if d.expert_parallel_size > 1
             else "partitioning"
         )
+        if not safetensors and cfg.distributed.engine != "fsdp2":
+            why += "; only FSDP2 starts from .bin weights by rank 0 sending each rank its rows"
         print(f"[moe-recipes] loading the whole model on every rank before {then} ({why})", flush=True)
     return mode
 
@@ -242,6 +263,15 @@ def startup_peak(
         # page cache holds what they read, once (the mapped pages are some of those); private: offloaded
         private = out.host_total - next(iter(out.host.values()))
         out.host_per_node = ck * min(ranks_here, shard) // shard + ranks_here * private
+    elif mode is RANK0_SCATTER:
+        shards = 4 * p // shard
+        out.host["pages of one mapped .bin file (at most the whole checkpoint)"] = ck
+        # the largest in-memory tensor (fused experts are one tensor): built whole on the host, sent from the GPU
+        out.host["one whole tensor, fp32 (the largest, built from its file tensors)"] = 4 * big
+        out.device[f"fp32 shards (1/{shard})"] = shards
+        out.device["one whole tensor, fp32 (rank 0 sends its rows)"] = 4 * big
+        out.host_other_ranks = 0
+        out.host_per_node = out.host_total
     elif mode is EXPERTS:
         ep, routed = d.expert_parallel_size, shape.routed_expert_params
         own = p - routed + routed // ep  # the dense part and 1/E of the routed experts

@@ -58,7 +58,14 @@ from moe_recipes.train.metrics import (
 )
 from moe_recipes.train.objective import IGNORE_INDEX, CausalLMObjective, loss_chunk_tokens
 from moe_recipes.train.plan_report import warn_if_over_memory
-from moe_recipes.train.plan_startup import EXPERTS, PARTITIONED, RANK0_READS, SHARDED, training_start
+from moe_recipes.train.plan_startup import (
+    EXPERTS,
+    PARTITIONED,
+    RANK0_READS,
+    RANK0_SCATTER,
+    SHARDED,
+    training_start,
+)
 from moe_recipes.train.preflight import preflight
 from moe_recipes.train.preflight import report as report_preflight
 from moe_recipes.train.schedule import lr_at
@@ -137,7 +144,7 @@ def _setup(cfg: Config) -> Run:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive.append(HfDeepSpeedConfig(ds_config))
-    if load in (SHARDED, PARTITIONED, EXPERTS):  # ZeRO-3 fills here; FSDP2 and DeepSpeed EP after their cut
+    if load in (SHARDED, RANK0_SCATTER, PARTITIONED, EXPERTS):  # ZeRO-3 fills here, the rest after a cut
         model = build_on_meta(
             cfg.model.path,
             attn_implementation=cfg.model.attn_implementation,
@@ -176,7 +183,7 @@ def _setup(cfg: Config) -> Run:
         aux_loss_type=cfg.moe.aux_loss_type,
     )
     fpt = flops_per_token(model, cfg.data.seq_length)
-    weights = cfg.model.path if load in (SHARDED, EXPERTS) else None  # the engine fills after its cut
+    weights = cfg.model.path if load in (SHARDED, RANK0_SCATTER, EXPERTS) else None  # filled after the cut
     if use_ds and d.expert_parallel_size > 1:
         engine, optimizer = initialize_expert_parallel(objective, cfg, ds_config, info, weights, device)
     elif use_ds:

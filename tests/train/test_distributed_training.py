@@ -36,7 +36,8 @@ def _compare(reference, run_dir):
 
 
 def test_zero3_torchrun_matches_single_process(reference, zero3_two_processes):
-    # the run (tests/train/conftest.py) is also test_fsdp.py's reference for 2-process FSDP2
+    # the run (tests/conftest.py) is also the reference of test_fsdp.py and the checkpoint of
+    # tests/convert/test_distributed.py
     assert "2 process(es) (torchrun), ZeRO-3" in zero3_two_processes.stdout
     _compare(reference, zero3_two_processes.dir / "run")
     ckpt = zero3_two_processes.dir / "ckpt" / "iter_0000004"

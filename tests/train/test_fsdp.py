@@ -150,7 +150,7 @@ def test_two_process_fsdp2_matches_zero3_and_reshards_to_one(
     tmp_path, tiny_mixtral, tiny_dataset, zero3_two_processes
 ):
     """2-process FSDP2 == 2-process ZeRO-3 (same losses); its step-2 checkpoint resumes on 1 process."""
-    common = TWO_PROCESS_COMMON  # the settings of the ZeRO-3 run (tests/train/conftest.py)
+    common = TWO_PROCESS_COMMON  # the settings of the ZeRO-3 run (tests/conftest.py)
     (tmp_path / "fsdp").mkdir()
     ckpt = tmp_path / "fsdp" / "ckpt"
     first = write_config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -92,3 +93,27 @@ def ep_models(tmp_path_factory) -> dict[str, str]:
         )
         for arch in EP_FAMILIES
     }
+
+
+@pytest.fixture(scope="session")
+def zero3_two_processes(tmp_path_factory, tiny_mixtral, tiny_dataset) -> SimpleNamespace:
+    """One 2-process ZeRO-3 run of the tiny Mixtral under torchrun (tests/train/utils.TWO_PROCESS_COMMON: 4
+    steps, evaluated at steps 2 and 4), which saves its last step with the exported HF folder: `.dir` (its
+    work folder, `run/` and `ckpt/` inside) and `.stdout`. The reference of the single-process and FSDP2
+    comparisons and the checkpoint of the conversion tests, launched once per session."""
+    from tests.harness import run_cli_distributed
+
+    from .train.utils import TWO_PROCESS_COMMON, write_config
+
+    work = tmp_path_factory.mktemp("zero3_two_processes")
+    config = write_config(
+        work,
+        tiny_mixtral,
+        tiny_dataset,
+        *TWO_PROCESS_COMMON,
+        "distributed.zero_stage=3",
+        f"checkpoint.save={work / 'ckpt'}",
+        "checkpoint.save_hf=true",
+    )
+    out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
+    return SimpleNamespace(dir=work, stdout=out.stdout)

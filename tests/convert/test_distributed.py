@@ -13,11 +13,8 @@ import torch
 from moe_recipes.cli import main
 from moe_recipes.convert.hf import convert_checkpoint
 from moe_recipes.infer.perplexity import evaluate_perplexity
-from tests.harness import run_cli_distributed
 
-from ..train.utils import write_config
 from .utils import (
-    SHORT,
     assert_released_layout,
     expected_keys,
     last_valid_loss,
@@ -29,16 +26,17 @@ from .utils import (
 pytestmark = pytest.mark.distributed
 
 
+LAST = "iter_0000004"  # the run's last step, saved with its HF export
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_mixtral, tiny_dataset) -> Path:
-    """A 2-step ZeRO-3 run on 2 processes that saves a checkpoint with its exported HF folder."""
-    d = tmp_path_factory.mktemp("zero3x2")
-    extra = ("distributed.zero_stage=3", f"checkpoint.save={d / 'ckpt'}", "checkpoint.save_hf=true")
-    config = write_config(d, tiny_mixtral, tiny_dataset, *SHORT, *extra)
-    out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
-    assert "2 process(es) (torchrun), ZeRO-3" in out.stdout
-    assert "(built on meta, partitioned by ZeRO-3, each rank read only its partition)" in out.stdout
-    assert (d / "ckpt" / "iter_0000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+def run_dir(zero3_two_processes) -> Path:
+    """The session's 4-step ZeRO-3 run on 2 processes (tests/conftest.py), which saved its last step with
+    the exported HF folder (the ZeRO-3 reference of tests/train, launched once)."""
+    d, out = zero3_two_processes.dir, zero3_two_processes.stdout
+    assert "2 process(es) (torchrun), ZeRO-3" in out
+    assert "(built on meta, partitioned by ZeRO-3, each rank read only its partition)" in out
+    assert (d / "ckpt" / LAST / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     return d
 
 
@@ -51,7 +49,7 @@ def assert_same_model(folder: Path, exported: Path, base: str) -> None:
 
 def test_direct_conversion_equals_the_export(run_dir, tiny_mixtral):
     direct = convert_checkpoint(run_dir / "ckpt", run_dir / "direct")
-    assert_same_model(direct, run_dir / "ckpt" / "iter_0000002" / "hf", tiny_mixtral)
+    assert_same_model(direct, run_dir / "ckpt" / LAST / "hf", tiny_mixtral)
 
 
 def test_zero_to_fp32_then_convert(run_dir, tiny_mixtral):
@@ -65,13 +63,13 @@ def test_zero_to_fp32_then_convert(run_dir, tiny_mixtral):
     # ... whose `model.`-prefixed keys the convert command turns into an HF folder
     out = run_dir / "two_step"
     assert main(["convert", str(consolidated), "--base-model", tiny_mixtral, "--output", str(out)]) == 0
-    assert_same_model(out, save / "iter_0000002" / "hf", tiny_mixtral)
+    assert_same_model(out, save / LAST / "hf", tiny_mixtral)
 
 
 def test_eval_reproduces_the_trainer_validation_loss(run_dir, tiny_dataset):
     # eval.iters (2) x global batch (4) samples: what the trainer evaluated, whatever the number of ranks
     result = evaluate_perplexity(
-        run_dir / "ckpt" / "iter_0000002" / "hf",
+        run_dir / "ckpt" / LAST / "hf",
         tiny_dataset,
         seq_length=64,
         split="90,10,0",

@@ -74,10 +74,26 @@ def _block_parity(implementation: str, skew: bool) -> dict[str, float]:
     }
 
 
+CASES = (("grouped_mm", False), ("eager", False), ("grouped_mm", True))
+
+
+def _block_parities() -> dict[tuple[str, bool], dict[str, float]]:
+    """Every case on one rank (each builds its own model), so that one 2-process job serves the tests."""
+    return {case: _block_parity(*case) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def parities() -> dict[tuple[str, bool], list[dict[str, float]]]:
+    """{(implementation, skew): the ranks' results}, from one 2-process job (starting one costs seconds)."""
+    ranks = run_distributed(_block_parities, 2)
+    return {case: [r[case] for r in ranks] for case in CASES}
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
-def test_dispatch_matches_the_local_experts(implementation):
-    for rank, result in enumerate(run_distributed(_block_parity, 2, implementation, False)):
+def test_dispatch_matches_the_local_experts(parities, implementation):
+    for rank, shared in enumerate(parities[implementation, False]):
+        result = dict(shared)  # the module's results stay whole
         assert result.pop("local experts") == 2
         assert result.pop("expert grad norm") > 0
         for what, diff in result.items():
@@ -85,10 +101,10 @@ def test_dispatch_matches_the_local_experts(implementation):
 
 
 @pytest.mark.distributed
-def test_a_rank_whose_experts_get_no_tokens_still_takes_part():
+def test_a_rank_whose_experts_get_no_tokens_still_takes_part(parities):
     """Every token goes to experts 0-1 (rank 0): rank 1 computes nothing, sends nothing back, and its
     experts get zero gradients, without leaving rank 0 waiting."""
-    results = run_distributed(_block_parity, 2, "grouped_mm", True)
+    results = parities["grouped_mm", True]
     assert results[1]["expert grad norm"] == 0.0 and results[0]["expert grad norm"] > 0
     for rank, result in enumerate(results):
         for what in ("output", "input grad", "router grad", "gate_up grad", "down grad"):

@@ -9,13 +9,10 @@ import pytest
 from moe_recipes.train.trainer import train
 from tests.harness import run_cli_distributed
 
+from .utils import TWO_PROCESS_COMMON as COMMON
 from .utils import make_config, metrics, step_records, write_config
 
 pytestmark = pytest.mark.distributed
-
-# Micro batch 2 everywhere: one process accumulates 2 micro-batches, two processes take one each, so every
-# micro-batch (and thus the per-micro-batch load-balancing loss) is the same in both runs.
-COMMON = ("train.micro_batch_size=2", "train.global_batch_size=4", "train.iters=4", "eval.interval=2")
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +35,12 @@ def _compare(reference, run_dir):
     assert len(valid_a) == 2 and valid_b == pytest.approx(valid_a, rel=1e-4)
 
 
-def test_zero3_torchrun_matches_single_process(tmp_path, reference, tiny_mixtral, tiny_dataset):
-    config = write_config(
-        tmp_path,
-        tiny_mixtral,
-        tiny_dataset,
-        *COMMON,
-        "distributed.zero_stage=3",
-        f"checkpoint.save={tmp_path / 'ckpt'}",
-    )
-    out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
-    assert "2 process(es) (torchrun), ZeRO-3" in out.stdout
-    _compare(reference, tmp_path / "run")
-    ckpt = tmp_path / "ckpt" / "iter_0000004"
+def test_zero3_torchrun_matches_single_process(reference, zero3_two_processes):
+    # the run (tests/conftest.py) is also the reference of test_fsdp.py and the checkpoint of
+    # tests/convert/test_distributed.py
+    assert "2 process(es) (torchrun), ZeRO-3" in zero3_two_processes.stdout
+    _compare(reference, zero3_two_processes.dir / "run")
+    ckpt = zero3_two_processes.dir / "ckpt" / "iter_0000004"
     assert (ckpt / "rng_state_rank0.pt").is_file() and (ckpt / "rng_state_rank1.pt").is_file()
 
 

@@ -19,7 +19,7 @@ from moe_recipes.train.signals import StopRequest
 from tests.harness import run_cli_distributed
 
 from ..convert.utils import assert_released_layout, expected_keys, logits_of, probe_ids, weight_map
-from .utils import make_config, step_records, write_config
+from .utils import TWO_PROCESS_COMMON, make_config, step_records, write_config
 
 FSDP = "distributed.engine=fsdp2"
 
@@ -146,13 +146,12 @@ def test_conversion_gives_the_trainer_weights(tmp_path, tiny_mixtral, tiny_datas
 
 
 @pytest.mark.distributed
-def test_two_process_fsdp2_matches_zero3_and_reshards_to_one(tmp_path, tiny_mixtral, tiny_dataset):
+def test_two_process_fsdp2_matches_zero3_and_reshards_to_one(
+    tmp_path, tiny_mixtral, tiny_dataset, zero3_two_processes
+):
     """2-process FSDP2 == 2-process ZeRO-3 (same losses); its step-2 checkpoint resumes on 1 process."""
-    common = ("train.iters=4", "eval.interval=2", "eval.iters=1")
-    (tmp_path / "z3").mkdir()
+    common = TWO_PROCESS_COMMON  # the settings of the ZeRO-3 run (tests/conftest.py)
     (tmp_path / "fsdp").mkdir()
-    z3 = write_config(tmp_path / "z3", tiny_mixtral, tiny_dataset, *common, "distributed.zero_stage=3")
-    run_cli_distributed(["train", str(z3)], world_size=2, launcher="torchrun", timeout=600)
     ckpt = tmp_path / "fsdp" / "ckpt"
     first = write_config(
         tmp_path / "fsdp",
@@ -184,7 +183,7 @@ def test_two_process_fsdp2_matches_zero3_and_reshards_to_one(tmp_path, tiny_mixt
         f"checkpoint.load={ckpt}",
     )
     assert trainer.train(second) == 0  # one process, resharded from two
-    a, b = step_records(tmp_path / "z3" / "run"), step_records(tmp_path / "fsdp" / "run")
+    a, b = step_records(zero3_two_processes.dir / "run"), step_records(tmp_path / "fsdp" / "run")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         for key in ("lm_loss", "aux_loss", "z_loss"):

@@ -9,6 +9,15 @@ import yaml
 
 from moe_recipes.config import Config, load_config
 
+# Micro batch 2 everywhere: one process accumulates 2 micro-batches, two processes take one each, so every
+# micro-batch (and thus the per-micro-batch load-balancing loss) is the same in both runs.
+TWO_PROCESS_COMMON = (
+    "train.micro_batch_size=2",
+    "train.global_batch_size=4",
+    "train.iters=4",
+    "eval.interval=2",
+)
+
 
 def overrides(tmp_path: Path, model: str, data: str, *extra: str) -> list[str]:
     return [

@@ -70,10 +70,15 @@ class OpDtypes(TorchDispatchMode):
 def _probe_engines(workdir: str, model: str, data: str) -> dict[str, dict[tuple[str, tuple[str, ...]], int]]:
     """On each rank: train one step of every engine in both precisions under the probe, in one process group
     (torch cannot re-create a group on the same port in one process, so the trainer must not destroy it)."""
+    from moe_recipes.distributed.env import _skip_deepspeed_shm_op
     from moe_recipes.precision import resolve_precision
     from moe_recipes.train import trainer
 
     trainer.destroy_distributed = lambda: None
+    # The harness made the process group, so the trainer adopts it and skips the DeepSpeed set-up of
+    # init_distributed, which keeps DeepSpeed from JIT-building its CPU shm op (a C++ build of about a minute
+    # on two cores, on a machine without it in ~/.cache/torch_extensions): that step here, as under a launcher.
+    _skip_deepspeed_shm_op()
     # Where bf16 is emulated, the first bf16 run warns with a measured fp32/bf16 matmul ratio: not training
     resolve_precision("bf16", torch.device("cpu"))
     out = {}

@@ -82,6 +82,9 @@ def child(engine: str, mode: str, folder: str, ep: int) -> None:
     else:
         import deepspeed
 
+        from moe_recipes.distributed.env import _skip_deepspeed_shm_op
+
+        _skip_deepspeed_shm_op()  # as the trainer does: no JIT build of an op that training never uses
         deepspeed.init_distributed(dist_backend="gloo")
     _start(engine, "", "", ep)  # imports only: their memory is not the start-up's
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tests.harness import (
+    DIRECT,
     DistributedRunError,
     LaunchError,
     launch_command,
@@ -94,6 +95,30 @@ def test_run_distributed_kills_a_hung_rank(tmp_path):
     pid = int((tmp_path / "rank1").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_direct_start_sets_each_rank_and_reports_a_failed_one(tmp_path):
+    """launcher=DIRECT: every rank gets its RANK/WORLD_SIZE/MASTER_*; outputs come back in rank order; a
+    rank's non-zero exit raises LaunchError with the ranks' output, and no rank is left running."""
+    (tmp_path / "rank_env.py").write_text(
+        "import os, sys\n"
+        "r = os.environ['RANK']\n"
+        "print(r, os.environ['LOCAL_RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_PORT'], sys.argv[1])\n"
+        "if sys.argv[1] == 'fail' and r == '1':\n"
+        "    print('rank 1 fails', file=sys.stderr); sys.exit(3)\n"
+        "if sys.argv[1] == 'fail':\n"
+        "    import time; time.sleep(60)\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path)}
+    out = run_module_distributed("rank_env", ["ok"], 3, launcher=DIRECT, env=env, timeout=60)
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert [r[:3] for r in rows] == [["0", "0", "3"], ["1", "1", "3"], ["2", "2", "3"]]
+    assert len({r[3] for r in rows}) == 1  # one MASTER_PORT for the job
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="rank 1 fails") as failed:
+        run_module_distributed("rank_env", ["fail"], 2, launcher=DIRECT, env=env, timeout=60)
+    assert failed.value.returncode == 3
+    assert time.monotonic() - start < 30  # rank 0 (asleep) was killed after the grace period
 
 
 def test_run_distributed_reports_a_rank_that_dies_without_a_result():

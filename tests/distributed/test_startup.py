@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,18 +124,22 @@ def _start_one_rank(argv: list[str], rank: int, port: int) -> tuple[subprocess.C
     return result, time.monotonic() - start
 
 
-@pytest.mark.parametrize("rank", [0, 1], ids=["missing-rank", "unreachable-master"])
-def test_a_rendezvous_that_cannot_complete_fails_in_bounded_time(tmp_path, tiny_mixtral, tiny_dataset, rank):
-    """Rank 0 alone waits for a rank that never comes; rank 1 alone finds nobody at MASTER_ADDR:PORT."""
+def test_a_rendezvous_that_cannot_complete_fails_in_bounded_time(tmp_path, tiny_mixtral, tiny_dataset):
+    """Rank 0 alone waits for a rank that never comes; rank 1 alone finds nobody at MASTER_ADDR:PORT. Two
+    separate jobs on their own ports, started together (each mostly waits)."""
     config = write_config(tmp_path, tiny_mixtral, tiny_dataset, "distributed.init_timeout_minutes=0.1")
-    port = free_port()
-    result, seconds = _start_one_rank(["train", str(config)], rank, port)
-    assert result.returncode != 0
-    err = result.stderr
-    assert f"MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}" in err, err[-3000:]
-    assert "world size 2" in err and "6 s" in err and "distributed.init_timeout_minutes=0.1" in err
-    assert "still waiting for all 2 ranks to join" in err  # said so while it waited
-    assert seconds < 60
+    ports = {0: free_port(), 1: free_port()}
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(
+            zip(ports, pool.map(lambda r: _start_one_rank(["train", str(config)], r, ports[r]), ports))
+        )
+    for rank, (result, seconds) in done.items():
+        err = result.stderr
+        assert result.returncode != 0, (rank, err[-3000:])
+        assert f"MASTER_ADDR:MASTER_PORT=127.0.0.1:{ports[rank]}" in err, err[-3000:]
+        assert "world size 2" in err and "6 s" in err and "distributed.init_timeout_minutes=0.1" in err
+        assert "still waiting for all 2 ranks to join" in err  # said so while it waited
+        assert seconds < 60
 
 
 def test_init_timeout_must_be_positive():

@@ -17,7 +17,7 @@ import torch
 from moe_recipes.config import Config
 from moe_recipes.models.loading import load_model
 from moe_recipes.train.plan_startup import RANK0_SCATTER, WHOLE, start_mode
-from tests.harness import run_distributed
+from tests.harness import DIRECT, run_distributed
 
 from ..test_hf_layout import _tiny
 from .test_sharded_load import _assert_same
@@ -123,7 +123,7 @@ def test_start_mode_picks_the_scatter_for_fsdp2_only():
 
 @pytest.mark.distributed
 def test_fsdp2_training_starts_from_bin_weights_by_rank0_scatter(tmp_path, tiny_mixtral, tiny_dataset):
-    """`train` under torchrun, FSDP2 + EP 2, from a pytorch_model.bin: the scatter start, said as such."""
+    """`train` on 2 processes, FSDP2 + EP 2, from a pytorch_model.bin: the scatter start, said as such."""
     from tests.harness import run_cli_distributed
     from tests.train.test_deepspeed_sharded_start import _without_safetensors
     from tests.train.utils import write_config
@@ -141,7 +141,7 @@ def test_fsdp2_training_starts_from_bin_weights_by_rank0_scatter(tmp_path, tiny_
         "train.micro_batch_size=2",
         "train.global_batch_size=4",
     )
-    out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=400).stdout
+    out = run_cli_distributed(["train", str(config)], world_size=2, launcher=DIRECT, timeout=400).stdout
     assert "holds no safetensors weights: built on meta and sharded, rank 0 reads the .bin weights" in out
     assert f"({RANK0_SCATTER.said})" in out
     assert "whole model" not in out

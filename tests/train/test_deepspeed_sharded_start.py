@@ -30,7 +30,7 @@ from moe_recipes.train.plan_startup import (
     start_mode,
     training_start,
 )
-from tests.harness import run_cli_distributed, run_distributed
+from tests.harness import DIRECT, run_cli_distributed, run_distributed
 
 from ..test_hf_layout import _tiny
 from .utils import step_records, write_config
@@ -119,6 +119,9 @@ def _load_on_ranks(folders: list[str], lacking: str | None = None) -> list[tuple
     import deepspeed
     import torch.distributed as dist
 
+    from moe_recipes.distributed.env import _skip_deepspeed_shm_op
+
+    _skip_deepspeed_shm_op()  # as the trainer does: no JIT build (a minute on 2 cores) of an op it never uses
     deepspeed.init_distributed(dist_backend="gloo")
     out = []
     for folder in folders:
@@ -246,7 +249,7 @@ def test_zero3_partitioned_start_trains_like_the_whole_load(tmp_path, tiny_mixtr
     ):
         (tmp_path / name).mkdir()
         config = write_config(tmp_path / name, model, tiny_dataset, *short)
-        out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
+        out = run_cli_distributed(["train", str(config)], world_size=2, launcher=DIRECT, timeout=600)
         runs[name] = (out.stdout, step_records(tmp_path / name / "run"))
     assert "(built on meta, partitioned by ZeRO-3, each rank read only its partition)" in runs["meta"][0]
     assert "(whole model loaded on every rank, then partitioned)" in runs["whole"][0]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from moe_recipes.train.trainer import train
-from tests.harness import run_cli_distributed
+from tests.harness import DIRECT, run_cli_distributed
 
 from .utils import TWO_PROCESS_COMMON as COMMON
 from .utils import make_config, metrics, step_records, write_config
@@ -74,7 +74,7 @@ def test_bf16_gradient_reduction_tracks_the_single_process_bf16_run(tmp_path, ti
         "distributed.zero_stage=2",
         "distributed.reduce_dtype=bf16",
     )
-    out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
+    out = run_cli_distributed(["train", str(config)], world_size=2, launcher=DIRECT, timeout=600)
     # the facts, not the sentence: on a CPU that emulates bf16 the precision names why it is slow there
     start = next(line for line in out.stdout.splitlines() if "process(es)" in line)
     assert "ZeRO-2" in start and "precision bf16 (as configured" in start

@@ -15,7 +15,7 @@ from moe_recipes.models.init import init_model
 from moe_recipes.train import trainer
 from tests.assets import MIXTRAL_TOKENIZER
 from tests.conftest import EP_FAMILIES
-from tests.harness import run_cli_distributed
+from tests.harness import DIRECT, run_cli_distributed
 
 from ..convert.utils import logits_of, probe_ids
 from .utils import make_config, metrics, step_records, write_config
@@ -24,10 +24,10 @@ FAMILIES = EP_FAMILIES
 
 
 def _launch(workdir: Path, model: str, data: str, *extra: str) -> str:
-    """Train on 2 processes (torchrun) in `workdir`; returns the output."""
+    """Train on 2 processes (started directly, as a launcher would) in `workdir`; returns the output."""
     workdir.mkdir(parents=True)
     config = write_config(workdir, model, data, *extra)
-    return run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600).stdout
+    return run_cli_distributed(["train", str(config)], world_size=2, launcher=DIRECT, timeout=600).stdout
 
 
 def _train(workdir: Path, model: str, data: str, *extra: str) -> dict[int, dict]:
@@ -38,16 +38,13 @@ def _train(workdir: Path, model: str, data: str, *extra: str) -> dict[int, dict]
 PARITY = ("train.iters=10", "train.global_batch_size=8", "eval.iters=0", "optim.warmup_iters=2")
 
 
-# One family in `make test`: every family's EP=2 run is also compared with its EP=1 run by a test below
-# (Mixtral: four processes and bf16; Qwen2-MoE: the MoE features; Qwen3-MoE: instruction tuning; DeepSeek-V3:
-# resharded checkpoints). The other families run here under `make test-slow`.
-DEFAULT_FAMILY = "qwen3_moe"
-
-
+# Under `make test-slow`: every family's EP=2 run is also compared with its EP=1 run by a test below that
+# `make test` runs (Mixtral: four processes and bf16; Qwen2-MoE: the MoE features; Qwen3-MoE: instruction
+# tuning; DeepSeek-V3: resharded checkpoints), and tests/distributed/test_expert_parallel.py compares every
+# family's dispatch with its local experts.
+@pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "arch", [a if a == DEFAULT_FAMILY else pytest.param(a, marks=pytest.mark.slow) for a in FAMILIES]
-)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_fsdp2_ep2_matches_ep1(tmp_path, ep_models, tiny_dataset, arch):
     common = (*PARITY, "distributed.engine=fsdp2")
     ref = _train(tmp_path / "ep1", ep_models[arch], tiny_dataset, *common)
@@ -123,19 +120,22 @@ def test_fsdp2_ep_checkpoints_reshard_and_convert(tmp_path, ep_models, tiny_data
 @pytest.mark.parametrize(
     "features",
     [
+        # `make test`: the losses over the global batch and per sequence, activation checkpointing,
+        # evaluation, and frozen experts (the cut parameters themselves) in one run
         (
             "moe.global_aux_loss_coef=0.01",
             "moe.seq_aux_loss_coef=0.01",
             "train.activation_checkpointing=true",
             "eval.iters=2",
             "eval.interval=5",
+            "moe.freeze=[experts]",
         ),
-        ("moe.freeze=[experts]", "moe.aux_loss_type=per_layer"),
-        # freezing under EP is frozen-experts' case (the cut parameters themselves); a frozen router is a
-        # replicated parameter like any other, and the z-loss is on in every run here: `make test-slow`
+        # `make test-slow`: the per-layer aux loss; a frozen router is a replicated parameter like any other,
+        # and the z-loss is on in every run here
+        pytest.param(("moe.freeze=[experts]", "moe.aux_loss_type=per_layer"), marks=pytest.mark.slow),
         pytest.param(("moe.freeze=[router]", "moe.z_loss_coef=0.01"), marks=pytest.mark.slow),
     ],
-    ids=["global-seq-aux-checkpointing", "frozen-experts", "frozen-router"],
+    ids=["global-seq-aux-checkpointing-frozen-experts", "frozen-experts-per-layer", "frozen-router"],
 )
 def test_fsdp2_ep_keeps_the_moe_features(tmp_path, ep_models, tiny_dataset, features):
     common = (*PARITY, "distributed.engine=fsdp2", *features)
@@ -237,27 +237,36 @@ def test_ep_config_errors_name_the_values(tmp_path, extra, message):
         make_config(tmp_path, "model", "data", "distributed.engine=fsdp2", *extra)
 
 
-@pytest.mark.distributed
-def test_four_processes_ep2_and_ep4_match_ep1(tmp_path, ep_models, tiny_dataset):
-    """4 ranks: EP=2 (two EP groups, each expert FSDP-sharded over 2 ranks) and EP=4 (one expert a rank)."""
+@pytest.fixture(scope="module")
+def four_process_runs(tmp_path_factory, ep_models, tiny_dataset):
+    """`run(ep)`: step records of Mixtral trained on 4 processes with expert_parallel_size=ep (once each)."""
     common = ("train.iters=3", "train.global_batch_size=8", "train.micro_batch_size=1", "eval.iters=0")
     common += ("distributed.engine=fsdp2",)
-    runs = {}
-    for ep in (1, 2, 4):
-        (tmp_path / f"ep{ep}").mkdir()
-        config = write_config(
-            tmp_path / f"ep{ep}",
-            ep_models["mixtral"],
-            tiny_dataset,
-            *common,
-            f"distributed.expert_parallel_size={ep}",
-        )
-        run_cli_distributed(["train", str(config)], world_size=4, launcher="torchrun", timeout=600)
-        runs[ep] = step_records(tmp_path / f"ep{ep}" / "run")
-    for ep in (2, 4):
-        for step in runs[1]:
-            for key in ("lm_loss", "aux_loss", "grad_norm"):
-                assert runs[ep][step][key] == pytest.approx(runs[1][step][key], rel=1e-5), (ep, step, key)
+    done: dict[int, dict[int, dict]] = {}
+
+    def run(ep: int) -> dict[int, dict]:
+        if ep not in done:
+            work = tmp_path_factory.mktemp(f"four_ep{ep}")
+            config = write_config(
+                work, ep_models["mixtral"], tiny_dataset, *common, f"distributed.expert_parallel_size={ep}"
+            )
+            run_cli_distributed(["train", str(config)], world_size=4, launcher=DIRECT, timeout=600)
+            done[ep] = step_records(work / "run")
+        return done[ep]
+
+    return run
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ep", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_four_processes_ep2_and_ep4_match_ep1(four_process_runs, ep):
+    """4 ranks: EP=2 (two EP groups, each expert FSDP-sharded over 2 ranks; `make test`) and EP=4 (one
+    expert a rank, a 4-way all-to-all; `make test-slow`)."""
+    ref, got = four_process_runs(1), four_process_runs(ep)
+    assert sorted(ref) == sorted(got) == [1, 2, 3]
+    for step in ref:
+        for key in ("lm_loss", "aux_loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5), (ep, step, key)
 
 
 @pytest.mark.distributed

@@ -14,7 +14,7 @@ from moe_recipes.convert.hf import convert_checkpoint
 from moe_recipes.train import trainer as trainer_mod
 from moe_recipes.train.preflight import check_resume_compatible
 from tests.conftest import EP_FAMILIES as FAMILIES
-from tests.harness import run_cli_distributed
+from tests.harness import DIRECT, run_cli_distributed
 
 from ..convert.utils import assert_released_layout, logits_of, probe_ids
 from .test_expert_parallel import PARITY, _launch
@@ -58,11 +58,14 @@ def _rel(a: float, b: float) -> float:
 
 
 DS_SETTINGS = [(arch, 2) for arch in FAMILIES] + [("qwen3_moe", 0), ("mixtral", 1)]
-# `make test` runs one setting per property: ZeRO-2 (Mixtral, whose runs the conversion test reuses), shared
-# experts beside the expert-parallel ones (DeepSeek-V3, ZeRO-2) and ZeRO-0 (whose EP=2 run the resume test
-# reuses). The dispatch of every family is compared with EP=1 in test_expert_parallel.py; ZeRO-1 shares
-# DeepSpeed's stage 1/2 optimizer with ZeRO-2. The other settings run under `make test-slow`.
-DS_DEFAULT = [("mixtral", 2), ("deepseek_v3", 2), ("qwen3_moe", 0)]
+# `make test` runs one setting per engine path: ZeRO-2 (Mixtral, whose runs the resume and conversion tests
+# reuse) and ZeRO-0 (its own expert-gradient reduction and gradient norm). What differs
+# between families is the dispatch, which tests/distributed/test_expert_parallel.py compares with EP=1 for
+# each of them, and which parameters are experts (shared experts are not:
+# test_expert_modules_are_the_fused_experts); ZeRO-1 runs DeepSpeed's stage 1/2 optimizer as ZeRO-2 does.
+# The other settings, and ZeRO-0's resume (DeepSpeed's own load of its per-EP-rank files), run under
+# `make test-slow`.
+DS_DEFAULT = [("mixtral", 2), ("qwen3_moe", 0)]
 
 
 @pytest.mark.distributed
@@ -85,7 +88,7 @@ def test_deepspeed_ep2_matches_ep1(ds_runs, arch, stage):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_deepspeed_ep2_resume_continues_exactly(ds_runs, tmp_path, ep_models, tiny_dataset, stage):
     """Stopped after step 2 (train.exit_interval) and resumed: the uninterrupted run's losses."""
     arch = "qwen3_moe" if stage == 0 else "mixtral"
@@ -105,7 +108,7 @@ def test_deepspeed_ep2_resume_continues_exactly(ds_runs, tmp_path, ep_models, ti
     state = json.loads((ckpt / "iter_0000002" / "run_state.json").read_text())
     assert state["expert_parallel_size"] == 2
     config = write_config(work, ep_models[arch], tiny_dataset, *common, f"checkpoint.load={ckpt}")
-    out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
+    out = run_cli_distributed(["train", str(config)], world_size=2, launcher=DIRECT, timeout=600)
     assert "resumed from" in out.stdout
     resumed = step_records(work / "run")
     assert sorted(resumed) == list(range(1, 11))

@@ -16,7 +16,7 @@ from moe_recipes.convert.hf import convert_checkpoint
 from moe_recipes.engines.fsdp2 import build_mesh
 from moe_recipes.train import trainer
 from moe_recipes.train.signals import StopRequest
-from tests.harness import run_cli_distributed
+from tests.harness import DIRECT, run_cli_distributed
 
 from ..convert.utils import assert_released_layout, expected_keys, logits_of, probe_ids, weight_map
 from .utils import TWO_PROCESS_COMMON, make_config, step_records, write_config
@@ -162,7 +162,7 @@ def test_two_process_fsdp2_matches_zero3_and_reshards_to_one(
         f"checkpoint.save={ckpt}",
         "train.exit_interval=2",
     )
-    out = run_cli_distributed(["train", str(first)], world_size=2, launcher="torchrun", timeout=600)
+    out = run_cli_distributed(["train", str(first)], world_size=2, launcher=DIRECT, timeout=600)
     assert "2 process(es) (torchrun), FSDP2" in out.stdout
     assert (
         "process start (built on meta, each rank read only its shards); peak host memory per rank: rank 0 "
@@ -203,7 +203,7 @@ def test_hybrid_sharding_matches_one_process(tmp_path, tiny_mixtral, tiny_datase
     config = write_config(
         tmp_path / "hsdp", tiny_mixtral, tiny_dataset, *common, "distributed.fsdp_shard_size=1"
     )
-    run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
+    run_cli_distributed(["train", str(config)], world_size=2, launcher=DIRECT, timeout=600)
     assert trainer.train(make_config(tmp_path / "one", tiny_mixtral, tiny_dataset, *common)) == 0
     a, b = _records(tmp_path / "one"), _records(tmp_path / "hsdp")
     assert len(a) == len(b) == 2
@@ -257,7 +257,7 @@ def test_two_process_accumulation_gives_the_same_losses_with_and_without_deferra
     for name, extra in runs.items():
         (tmp_path / name).mkdir()
         config = write_config(tmp_path / name, tiny_mixtral, tiny_dataset, *common, extra)
-        out = run_cli_distributed(["train", str(config)], world_size=2, launcher="torchrun", timeout=600)
+        out = run_cli_distributed(["train", str(config)], world_size=2, launcher=DIRECT, timeout=600)
         assert "micro batch 1 x accumulation 2 x 2 ranks" in out.stdout
     a, b, c = (_records(tmp_path / name) for name in runs)
     assert len(a) == len(b) == len(c) == 3

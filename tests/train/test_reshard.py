@@ -21,7 +21,7 @@ from moe_recipes.layout import resharded_dir
 from moe_recipes.train import reshard
 from moe_recipes.train.checkpoint import clean_leftovers, derived_seed
 from moe_recipes.train.preflight import check_resume_compatible
-from tests.harness import _child_environ, run_cli_distributed
+from tests.harness import DIRECT, _child_environ, run_cli_distributed
 
 from .utils import make_config, step_records, write_config
 
@@ -48,9 +48,7 @@ def _launch(work: Path, model: str, data: str, world: int, stage: int, ep: int, 
         f"distributed.expert_parallel_size={ep}",
         *extra,
     )
-    return run_cli_distributed(
-        ["train", str(config)], world_size=world, launcher="torchrun", timeout=600
-    ).stdout
+    return run_cli_distributed(["train", str(config)], world_size=world, launcher=DIRECT, timeout=600).stdout
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ ENGINES = {
     "zero3": ("distributed.zero_stage=3",),
     "fsdp2": ("distributed.engine=fsdp2",),
     "deepspeed_ep2": ("distributed.zero_stage=2", "distributed.expert_parallel_size=2"),
+    # ZeRO-0 with EP reduces expert gradients and computes the global gradient norm its own way
+    "deepspeed_ep2_zero0": ("distributed.zero_stage=0", "distributed.expert_parallel_size=2"),
     "fsdp2_ep2": ("distributed.engine=fsdp2", "distributed.expert_parallel_size=2"),
 }
 # One step of one micro-batch of 16 tokens per rank, no evaluation

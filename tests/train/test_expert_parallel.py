@@ -39,7 +39,7 @@ PARITY = ("train.iters=10", "train.global_batch_size=8", "eval.iters=0", "optim.
 
 
 # Under `make test-slow`: every family's EP=2 run is also compared with its EP=1 run by a test below that
-# `make test` runs (Mixtral: four processes and bf16; Qwen2-MoE: the MoE features; Qwen3-MoE: instruction
+# `make test` runs (Mixtral: four processes; Qwen2-MoE: the MoE features; Qwen3-MoE: instruction
 # tuning; DeepSeek-V3: resharded checkpoints), and tests/distributed/test_expert_parallel.py compares every
 # family's dispatch with its local experts.
 @pytest.mark.slow
@@ -156,6 +156,7 @@ def test_fsdp2_ep_keeps_the_moe_features(tmp_path, ep_models, tiny_dataset, feat
             assert ep[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-8), (step, key)
 
 
+@pytest.mark.slow  # `make test`: test_compute_dtype compares FSDP2 EP's first bf16 step with every engine's
 @pytest.mark.distributed
 def test_fsdp2_ep_in_bf16_tracks_ep1(tmp_path, ep_models, tiny_dataset):
     """bf16 compute: tokens travel in bf16; the losses follow the EP=1 run to bf16 rounding."""

@@ -183,19 +183,19 @@ def test_fsdp2_trains_without_deepspeed_installed(tmp_path, tiny_mixtral, tiny_d
     config = write_config(
         tmp_path, tiny_mixtral, tiny_dataset, "train.iters=2", "eval.iters=0", "distributed.engine=fsdp2"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", BLOCK_DEEPSPEED, "train", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    from concurrent.futures import ThreadPoolExecutor
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", BLOCK_DEEPSPEED, "train", str(config), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    with ThreadPoolExecutor(2) as pool:  # two independent processes: at once
+        run, refused = pool.map(lambda extra: train(*extra), [(), ("distributed.engine=deepspeed",)])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "FSDP2" in run.stdout and "step 2/2" in run.stdout
-    run = subprocess.run(
-        [sys.executable, "-c", BLOCK_DEEPSPEED, "train", str(config), "distributed.engine=deepspeed"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 2
-    assert "distributed.engine=deepspeed needs DeepSpeed, which is not installed" in run.stderr
+    assert refused.returncode == 2
+    assert "distributed.engine=deepspeed needs DeepSpeed, which is not installed" in refused.stderr

@@ -63,8 +63,12 @@ def _hang_on_rank_1(pid_dir: str) -> int:
 
 
 def _crash_on_rank_0() -> None:
+    # Both ranks are connected first: rank 0 dying inside the rendezvous made rank 1 fail there at the same
+    # moment, and which failure came first was then a race. Rank 1 stays silent until it is killed.
+    dist.barrier()
     if dist.get_rank() == 0:
         os._exit(3)
+    time.sleep(60)
 
 
 # ---- run_distributed -------------------------------------------------------------------------------

@@ -262,20 +262,23 @@ def _collect(
     return [rec[1] for rec in records]
 
 
+def _rank_vars(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """What a launcher tells rank `rank` of a one-node job of `world_size` ranks meeting at LOOPBACK:port."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": LOOPBACK,
+        "MASTER_PORT": str(port),
+    }
+
+
 def _spawn_rank(
     rank: int, world_size: int, port: int, payload: Path, result: Path, backend: str, main_file: str
 ) -> subprocess.Popen:
     """Start one rank of run_distributed as `python -c <_worker_main>` in its own session (for killpg)."""
-    environ = _child_environ(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": LOOPBACK,
-            "MASTER_PORT": str(port),
-        }
-    )
+    environ = _child_environ(_rank_vars(rank, world_size, port))
     cmd = [sys.executable, "-c", _WORKER_CODE, str(payload), str(result), backend, main_file]
     return subprocess.Popen(cmd, env=environ, start_new_session=True)
 
@@ -454,56 +457,38 @@ def _run_module_direct(
     rank order."""
     port = free_port()
     cmd = [sys.executable, "-m", module, *argv]
+    what = f"{' '.join(cmd)} on {world_size} processes"
     with tempfile.TemporaryDirectory(prefix="run_direct_") as tmp:
+        logs = [(Path(tmp, f"{rank}.out"), Path(tmp, f"{rank}.err")) for rank in range(world_size)]
         procs: list[subprocess.Popen] = []
-        files = []
+        timed_out = None
         try:
-            for rank in range(world_size):
-                job = {
-                    "RANK": str(rank),
-                    "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(world_size),
-                    "LOCAL_WORLD_SIZE": str(world_size),
-                    "MASTER_ADDR": LOOPBACK,
-                    "MASTER_PORT": str(port),
-                }
-                out, err = open(Path(tmp, f"{rank}.out"), "w+"), open(Path(tmp, f"{rank}.err"), "w+")
-                files.append((out, err))
-                procs.append(
-                    subprocess.Popen(
-                        cmd,
-                        env=_child_environ({**(env or {}), **job}),
-                        cwd=cwd,
-                        stdout=out,
-                        stderr=err,
-                        text=True,
-                        start_new_session=True,
+            for rank, (out, err) in enumerate(logs):
+                with open(out, "w") as stdout, open(err, "w") as stderr:  # the child keeps its own copies
+                    procs.append(
+                        subprocess.Popen(
+                            cmd,
+                            env=_child_environ({**(env or {}), **_rank_vars(rank, world_size, port)}),
+                            cwd=cwd,
+                            stdout=stdout,
+                            stderr=stderr,
+                            start_new_session=True,
+                        )
                     )
-                )
-            what = f"{' '.join(cmd)} on {world_size} processes"
-            failed: dict[int, int] = {}
-            try:
-                failed = _wait_for_ranks(procs, timeout, what)
-                timed_out = None
-            except TimeoutError as exc:
-                timed_out = exc
+            failed = _wait_for_ranks(procs, timeout, what)
+        except TimeoutError as exc:
+            timed_out = exc
         finally:
             for p in procs:
                 if p.poll() is None:
                     kill_tree(p)
-        texts = []
-        for out, err in files:
-            out.seek(0), err.seek(0)
-            texts.append((out.read(), err.read()))
-            out.close(), err.close()
-    stdout, stderr = "".join(t[0] for t in texts), "".join(t[1] for t in texts)
+        stdout = "".join(out.read_text() for out, _ in logs)
+        stderr = "".join(err.read_text() for _, err in logs)
     if timed_out is not None:
         raise TimeoutError(f"{timed_out}\n--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-4000:]}")
     if failed:  # the exit code of the rank that failed first (the others were killed after it)
         first = min(failed, key=lambda r: (failed[r], r))
         raise LaunchError(procs[first].returncode, cmd, stdout, stderr)
-    if any(p.returncode != 0 for p in procs):
-        raise LaunchError(next(p.returncode for p in procs if p.returncode != 0), cmd, stdout, stderr)
     return subprocess.CompletedProcess(cmd, 0, stdout, stderr)
 
 
